@@ -1,0 +1,63 @@
+"""Graph surgery (onnx-graphsurgeon): put preprocessing and softmax inside the graph.
+
+The result takes the raw uint8 NHWC crop batch the edge pipeline produces; Cast, Transpose and the
+mean/std normalisation run inside the engine, so no runtime can normalise differently from training.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .. import __version__
+
+INPUT, OUTPUT = "images", "probs"
+
+
+def add_io_processing(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
+    """float NCHW->logits graph  =>  uint8 NHWC (`images`) -> probabilities (`probs`)."""
+    graph = gs.import_onnx(model)
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError(f"expected one input and one output, got {len(graph.inputs)} and {len(graph.outputs)}")
+    old_in, old_out = graph.inputs[0], graph.outputs[0]
+    size = old_in.shape[2]
+    images = gs.Variable(INPUT, dtype=np.uint8, shape=[old_in.shape[0], size, size, 3])
+    as_float = graph.layer(op="Cast", inputs=[images], outputs=["images_f32"], attrs={"to": onnx.TensorProto.FLOAT})[0]
+    nchw = graph.layer(op="Transpose", inputs=[as_float], outputs=["images_nchw"], attrs={"perm": [0, 3, 1, 2]})[0]
+    # (x/255 - mean)/std == x * scale + shift, one Mul and one Add per pixel
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, 3, 1, 1)
+    shift = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 3, 1, 1).astype(np.float32)
+    scaled = graph.layer(op="Mul", inputs=[nchw, gs.Constant("norm_scale", scale.astype(np.float32))],
+                         outputs=["images_scaled"])[0]
+    normed = graph.layer(op="Add", inputs=[scaled, gs.Constant("norm_shift", shift)], outputs=["images_norm"])[0]
+    for node in list(old_in.outputs):
+        node.inputs = [normed if t is old_in else t for t in node.inputs]
+    probs = graph.layer(op="Softmax", inputs=[old_out], outputs=[OUTPUT], attrs={"axis": 1})[0]
+    probs.dtype, probs.shape = np.float32, [old_in.shape[0], old_out.shape[1]]
+    graph.inputs, graph.outputs = [images], [probs]
+    out = gs.export_onnx(graph.cleanup().toposort())
+    out.opset_import[:] = model.opset_import
+    out.ir_version = model.ir_version
+    return out
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
+    """Store classes, preprocessing, member weights and version in the graph's metadata_props."""
+    meta = {"wbc_edge_version": __version__, **meta}
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    return model
+
+
+def build_member_graph(raw_path, out_path, mean, std, metadata: dict) -> Path:
+    """Raw exported graph -> deployable graph (uint8 in, probabilities out, metadata), checked."""
+    model = onnx.load(str(raw_path))
+    model = set_metadata(add_io_processing(model, mean, std), metadata)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(out_path))
+    return Path(out_path)

@@ -1,0 +1,115 @@
+"""The `wbc-edge` command line: each command is a thin wrapper over one library call."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .build.targets import TARGETS, targets_help
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wbc-edge")
+@click.option("-v", "--verbose", is_flag=True, help="log progress details")
+def main(verbose: bool) -> None:
+    """Classify white blood cells in blood-smear images, at the edge."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML config")
+@click.option("--data", help="ImageFolder (<CODE>/<file>) or manifest CSV")
+@click.option("--out", help="bundle directory to write")
+@click.option("--member", help="backbone from the member registry")
+@click.option("--classes", help="comma-separated class codes (default: every WBC class found)")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--input-size", type=int)
+@click.option("--seed", type=int)
+@click.option("--exclude-from", type=click.Path(exists=True), help="skip files whose names appear here")
+@click.option("--max-per-class", type=int)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="any other config key (YAML value)")
+def train(config_path, sets, classes, **opts):
+    """Train an ensemble bundle on labelled cells (needs the `train` extra)."""
+    import yaml
+
+    from .trainer.config import load_config
+    from .trainer.loop import train as run_train
+
+    extra = dict(s.split("=", 1) for s in sets)
+    opts.update({k.replace("-", "_"): yaml.safe_load(v) for k, v in extra.items()})
+    opts["classes"] = classes.split(",") if classes else None
+    bundle = run_train(load_config(config_path, **opts))
+    summary = bundle.extra["training"]
+    click.echo(f"bundle: {bundle.root}  best val macro-F1 {summary['best_val_macro_f1']:.4f}  "
+               f"({summary['n_train']} train / {summary['n_val']} val, {summary['seconds']:.0f} s)")
+
+
+@main.command(epilog="Targets:\n\n" + targets_help().replace("\n", "\n\n"))
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--target", type=click.Choice(list(TARGETS)), default="onnx", show_default=True)
+def build(bundle, target):
+    """Build deployable artifacts for BUNDLE (no torch needed)."""
+    from .build.builder import build as run_build
+
+    b = run_build(bundle, target)
+    click.echo(f"built {target} for {len(b.members)} member(s) in {b.root}")
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="results/evaluate", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
+@click.option("--views", help="comma-separated TTA views (default: the bundle's)")
+def evaluate(data, bundle, out, device, precision, views):
+    """Score BUNDLE on labelled DATA: per-class table, macro-F1, confusion matrix PNG."""
+    from .evaluate import evaluate as run_evaluate
+    from .metrics import format_report
+
+    rep = run_evaluate(bundle, data, out, device, precision, views.split(",") if views else None)
+    click.echo(format_report(rep))
+    click.echo(f"\nmacro-F1 {rep['macro_f1']:.4f} on {rep['n_scored']} cells ({rep['runner']}, views {rep['views']}); "
+               f"{rep['n_unknown_label']} with labels outside the model's classes, "
+               f"{rep['n_unreadable']} unreadable")
+    click.echo(f"results in {out}/ (metrics.json, predictions.jsonl, confusion.png, reliability.png)")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default="results/stream", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--crops", is_flag=True, default=True, help="SOURCE is a folder of single-cell crops")
+def stream(source, bundle, out, device, crops):
+    """Classify cells from SOURCE, write one JSONL row per input and a differential count."""
+    from .bundle import Bundle
+    from .data.datasets import from_folder
+    from .edge.classifier import EnsembleClassifier
+    from .edge.offline import classify_dataset, differential, write_jsonl
+
+    b = Bundle.load(bundle)
+    with EnsembleClassifier(b, device) as clf:
+        rows = list(classify_dataset(clf, from_folder(source)))
+    write_jsonl(rows, Path(out) / "cells.jsonl")
+    diff = differential(rows)
+    (Path(out) / "differential.json").write_text(json.dumps(diff, indent=2))
+    for code, c in diff["classes"].items():
+        pct = f"{c['percent_of_wbc']:5.1f}%" if c["percent_of_wbc"] is not None else "   --"
+        click.echo(f"{code:9s} {c['count']:6d}  {pct}")
+    click.echo(f"{diff['n_classified']} classified, {diff['n_failed']} failed (see {out}/cells.jsonl)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

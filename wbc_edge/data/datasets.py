@@ -1,0 +1,133 @@
+"""Labelled cell datasets: ImageFolder (`<CODE>/<file>`), manifest CSV (`path,label[,group]`), plain folders.
+
+A dataset is a list of `Sample`s; pixels are loaded on demand. Loading never drops a sample silently:
+unreadable images come back as `LoadError`s (path + reason) beside the images that did load.
+"""
+from __future__ import annotations
+
+import csv
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..edge.preprocess import resize_batch
+from ..taxonomy import normalise_code
+from .images import ImageReadError, is_image_file, read_image
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadError:
+    path: str
+    reason: str
+
+
+@dataclass
+class CellDataset:
+    samples: list[Sample]
+    root: str = ""
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [s.label for s in self.samples]
+
+    def subset(self, indices) -> "CellDataset":
+        return CellDataset([self.samples[i] for i in indices], self.root, list(self.classes))
+
+    def filter_classes(self, classes) -> "CellDataset":
+        keep = set(classes)
+        return CellDataset([s for s in self.samples if s.label in keep], self.root, [c for c in classes])
+
+    def exclude_names(self, names) -> "CellDataset":
+        """Drop samples whose file name is in `names` (e.g. the repo's held-out sample cells)."""
+        names = set(names)
+        return CellDataset([s for s in self.samples if Path(s.path).name not in names], self.root, self.classes)
+
+    def load(self, size: int | None, interpolation: str = "area", progress: bool = True, workers: int = 4):
+        """Read every image (resized to `size` if given) -> (uint8 NxSxSx3, kept indices, errors)."""
+        def read(i):
+            try:
+                img = read_image(self.samples[i].path)
+                return i, (resize_batch([img], size, interpolation)[0] if size else img), None
+            except ImageReadError as exc:
+                return i, None, LoadError(exc.path, exc.reason)
+
+        images, kept, errors = [], [], []
+        with ThreadPoolExecutor(workers) as pool:  # cv2 releases the GIL while decoding
+            it = pool.map(read, range(len(self.samples)))
+            for i, img, err in tqdm(it, total=len(self.samples), desc="loading images", disable=not progress,
+                                    unit="img"):
+                if err is None:
+                    images.append(img)
+                    kept.append(i)
+                else:
+                    errors.append(err)
+        stack = np.stack(images) if images and size else images
+        return stack, np.asarray(kept, dtype=np.int64), errors
+
+
+def _classes_of(samples: list[Sample]) -> list[str]:
+    return sorted({s.label for s in samples if s.label is not None})
+
+
+def from_image_folder(root, classes=None) -> CellDataset:
+    """`root/<CODE>/<file>`: every image file under a class folder is a sample (unreadable ones too)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    samples = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        code = normalise_code(d.name)
+        samples += [Sample(str(p), code) for p in sorted(d.iterdir()) if is_image_file(p)]
+    ds = CellDataset(samples, str(root), _classes_of(samples))
+    return ds.filter_classes(classes) if classes else ds
+
+
+def from_manifest(csv_path, root=None, classes=None) -> CellDataset:
+    """A CSV with columns `path,label[,group]`; relative paths are relative to `root` or the CSV's folder."""
+    csv_path = Path(csv_path)
+    base = Path(root) if root else csv_path.parent
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise ValueError(f"{csv_path}: a manifest needs a 'path' column (has {reader.fieldnames})")
+        rows = list(reader)
+    samples = [Sample(str(base / r["path"]), normalise_code(r["label"]) if r.get("label") else None,
+                      r.get("group") or None) for r in rows]
+    ds = CellDataset(samples, str(base), _classes_of(samples))
+    return ds.filter_classes(classes) if classes else ds
+
+
+def from_folder(root) -> CellDataset:
+    """Unlabelled images: every image file under `root` (recursively), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() not in {".csv", ".json", ".txt", ".md", ".xml"})
+    return CellDataset([Sample(str(p)) for p in files], str(root), [])
+
+
+def open_dataset(source, classes=None) -> CellDataset:
+    """A manifest CSV, an ImageFolder, or (if it has no class folders) a plain folder of crops."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return from_manifest(source, classes=classes)
+    if source.is_dir() and (source / "manifest.csv").is_file():
+        return from_manifest(source / "manifest.csv", classes=classes)
+    if source.is_dir() and any(p.is_dir() for p in source.iterdir()):
+        return from_image_folder(source, classes)
+    return from_folder(source)

@@ -1,0 +1,58 @@
+"""The ensemble classifier: bundle members x TTA views, averaged with the bundle's weights."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import Bundle
+from . import tta
+from .preprocess import resize_batch
+from .runners import Runner, open_runner
+
+
+class EnsembleClassifier:
+    """uint8 crops (any size) -> (B, C) probabilities; one runner call per member per chunk."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
+                 precision: str = "fp32", max_batch: int = 256, threads: int | None = None):
+        self.bundle, self.device, self.precision = bundle, device, precision
+        self.views = views or bundle.extra.get("tta", {}).get("views", ["id"])
+        self.max_batch, self.threads = max_batch, threads
+        weights = np.asarray([m.weight for m in bundle.members], np.float64)
+        self.weights = weights / weights.sum()
+        self.runners: list[Runner] = []
+
+    def _graph(self, member) -> str:
+        if self.precision == "fp32":
+            return member.onnx
+        key = f"ort-{self.precision}"
+        if key not in member.artifacts:
+            raise ValueError(f"member {member.name!r} has no {key} graph; run `wbc-edge build --target {key}`")
+        return member.artifacts[key]
+
+    def activate(self) -> "EnsembleClassifier":
+        self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, threads=self.threads)
+                        for m in self.bundle.members]
+        return self
+
+    def deactivate(self) -> None:
+        for r in self.runners:
+            r.deactivate()
+        self.runners = []
+
+    __enter__ = activate
+
+    def __exit__(self, *exc):
+        self.deactivate()
+        return False
+
+    def predict(self, crops) -> np.ndarray:
+        pp = self.bundle.preprocess
+        batch = resize_batch(crops, pp.input_size, pp.interpolation)
+        chunk = max(1, self.max_batch // len(self.views))
+        return np.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]) \
+            if len(batch) else np.zeros((0, len(self.bundle.classes)), np.float32)
+
+    def _predict_chunk(self, batch: np.ndarray) -> np.ndarray:
+        views = tta.expand(batch, self.views)
+        probs = sum(w * tta.merge(r.infer(views), len(self.views)) for w, r in zip(self.weights, self.runners))
+        return probs.astype(np.float32)

@@ -1,0 +1,71 @@
+"""Classify a dataset of single-cell crops in batches; every input becomes one result row.
+
+A row carries the prediction and top-k probabilities, or an `error` saying why it has none.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.datasets import CellDataset
+from ..data.images import ImageReadError, read_image
+from ..taxonomy import is_wbc
+from .classifier import EnsembleClassifier
+from .preprocess import resize_batch
+
+
+def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str):
+    images, ok, rows = [], [], {}
+    for i in idx:
+        s = ds.samples[i]
+        try:
+            images.append(read_image(s.path))
+            ok.append(i)
+        except ImageReadError as exc:
+            rows[i] = {"path": s.path, "label": s.label, "pred": None, "error": exc.reason}
+    return (resize_batch(images, size, interpolation) if images else None), ok, rows
+
+
+def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int = 64, top_k: int = 3,
+                     progress: bool = True):
+    """Yield one row per sample, in dataset order."""
+    classes = clf.bundle.classes
+    pp = clf.bundle.preprocess
+    bar = tqdm(total=len(ds), desc="classifying", unit="cell", disable=not progress)
+    for start in range(0, len(ds), batch_size):
+        idx = range(start, min(start + batch_size, len(ds)))
+        batch, ok, rows = _read_chunk(ds, idx, pp.input_size, pp.interpolation)
+        if batch is not None:
+            probs = clf.predict(batch)
+            for i, p in zip(ok, probs):
+                top = np.argsort(-p)[:top_k]
+                rows[i] = {"path": ds.samples[i].path, "label": ds.samples[i].label, "pred": classes[top[0]],
+                           "confidence": float(p[top[0]]),
+                           "top_k": [[classes[j], round(float(p[j]), 6)] for j in top], "probs": p}
+        for i in idx:
+            yield rows[i]
+        bar.update(len(idx))
+    bar.close()
+
+
+def write_jsonl(rows, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "probs"}) + "\n")
+    return path
+
+
+def differential(rows) -> dict:
+    """Counts and percentages per predicted class; WBC percentages are over white cells only."""
+    preds = Counter(r["pred"] for r in rows if r.get("pred"))
+    n_wbc = sum(n for c, n in preds.items() if is_wbc(c))
+    return {"n_inputs": len(rows), "n_classified": sum(preds.values()),
+            "n_failed": sum(1 for r in rows if r.get("error")),
+            "classes": {c: {"count": n, "percent_of_wbc": (100.0 * n / n_wbc if n_wbc and is_wbc(c) else None)}
+                        for c, n in sorted(preds.items(), key=lambda kv: -kv[1])}}

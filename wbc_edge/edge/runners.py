@@ -1,0 +1,130 @@
+"""Runners: one interface (activate / infer / deactivate, context manager, per-call timing).
+
+Every runner takes the raw uint8 NHWC crop batch and returns float32 class probabilities (B, C);
+preprocessing lives inside the graph. `open_runner` walks an explicit, logged fallback order.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("wbc_edge.runners")
+
+
+class RunnerError(RuntimeError):
+    pass
+
+
+class Runner(ABC):
+    name = "runner"
+
+    def __init__(self):
+        self.device = "?"
+        self.timings: list[float] = []  # seconds per infer() call
+        self.active = False
+
+    @abstractmethod
+    def activate(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def deactivate(self) -> None:
+        self.active = False
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if not self.active:
+            raise RunnerError(f"{self.name}: infer() before activate()")
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"{self.name}: expected a uint8 BxHxWx3 batch, got {batch.dtype} {batch.shape}")
+        t0 = time.perf_counter()
+        out = self._infer(np.ascontiguousarray(batch))
+        self.timings.append(time.perf_counter() - t0)
+        return out
+
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+        return False
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime on CPU (default) or CUDA."""
+
+    PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+    def __init__(self, onnx_path, device: str = "cpu", threads: int | None = None):
+        super().__init__()
+        self.onnx_path, self.device, self.threads = Path(onnx_path), device, threads
+        self.name = f"ort-{device}:{self.onnx_path.name}"
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        if not self.onnx_path.is_file():
+            raise RunnerError(f"{self.onnx_path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        wanted = self.PROVIDERS[self.device]
+        if wanted[0] not in ort.get_available_providers():
+            raise RunnerError(f"ONNX Runtime has no {wanted[0]} here (install 'wbc-edge[gpu]' on a CUDA machine)")
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), opts, providers=wanted)
+        except Exception as exc:  # ORT raises its own exception types for bad or truncated graphs
+            raise RunnerError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.input_name = self.session.get_inputs()[0].name
+        self.active = True
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def deactivate(self) -> None:
+        self.session = None
+        super().deactivate()
+
+
+# (device, precision) -> runner factories tried in order; the first that activates wins.
+FALLBACKS = {
+    "cpu": ("ort-cpu",),
+    "cuda": ("tensorrt", "ort-cuda", "ort-cpu"),
+}
+
+
+def _factory(kind: str, onnx_path, engine_path=None, threads=None) -> Runner:
+    if kind == "ort-cpu":
+        return OrtRunner(onnx_path, "cpu", threads)
+    if kind == "ort-cuda":
+        return OrtRunner(onnx_path, "cuda", threads)
+    if kind == "tensorrt":
+        from .trt_runner import TensorRTRunner  # imports tensorrt/cupy only on this path
+
+        if engine_path is None:
+            raise RunnerError("no TensorRT engine built for this member (run `wbc-edge build --target trt-fp16`)")
+        return TensorRTRunner(engine_path)
+    raise ValueError(f"unknown runner kind {kind!r}")
+
+
+def open_runner(onnx_path, device: str = "cpu", engine_path=None, threads: int | None = None) -> Runner:
+    """Activate the first runner that works for `device`, logging every fallback and the final choice."""
+    errors = []
+    for kind in FALLBACKS[device]:
+        try:
+            runner = _factory(kind, onnx_path, engine_path, threads)
+            runner.activate()
+        except Exception as exc:  # noqa: BLE001 - each failure is logged and the next runner tried
+            errors.append(f"{kind}: {exc}")
+            log.warning("runner %s unavailable (%s); falling back", kind, exc)
+            continue
+        log.info("running %s on %s", Path(onnx_path).name, runner.name)
+        return runner
+    raise RunnerError("no runner could start:\n  " + "\n  ".join(errors))

@@ -1,0 +1,30 @@
+"""Test-time augmentation views: elements of D4 (rotations by 90 degrees, flips) on uint8 NHWC batches."""
+from __future__ import annotations
+
+import numpy as np
+
+# name -> (quarter turns, then horizontal flip); the same group as trainer.augment.d4
+VIEWS: dict[str, tuple[int, bool]] = {
+    "id": (0, False), "rot90": (1, False), "rot180": (2, False), "rot270": (3, False),
+    "flip": (0, True), "rot90_flip": (1, True), "rot180_flip": (2, True), "rot270_flip": (3, True),
+}
+PRESETS = {1: ["id"], 2: ["id", "flip"], 4: ["id", "rot90", "rot180", "rot270"], 8: list(VIEWS)}
+
+
+def view(batch: np.ndarray, name: str) -> np.ndarray:
+    turns, flip = VIEWS[name]
+    out = np.rot90(batch, turns, axes=(1, 2))  # axes (H,W): same turn as torch.rot90 on NCHW dims (2,3)
+    return out[:, :, ::-1] if flip else out
+
+
+def expand(batch: np.ndarray, views: list[str]) -> np.ndarray:
+    """All views of the batch stacked view-major: (V*B, H, W, 3), one runner call for all of them."""
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}")
+    return np.ascontiguousarray(np.concatenate([view(batch, v) for v in views]))
+
+
+def merge(probs: np.ndarray, n_views: int) -> np.ndarray:
+    """(V*B, C) -> (B, C), mean over views."""
+    return probs.reshape(n_views, -1, probs.shape[-1]).mean(axis=0)

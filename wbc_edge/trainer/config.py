@@ -1,0 +1,62 @@
+"""Training configuration: a dataclass read from YAML plus CLI overrides; unknown keys are rejected."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # ImageFolder, manifest CSV, or folder with manifest.csv
+    out: str = "runs/bundle"  # bundle directory to write
+    classes: list[str] | None = None  # None: every WBC class found in the data
+    member: str = "mobilenetv3_small_100"
+    input_size: int | None = None  # None: the member's default
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    recipe: str = "ce"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    val_fraction: float = 0.15
+    seed: int = 0
+    exclude_from: str | None = None  # drop training files whose names appear under this folder
+    max_per_class: int | None = None  # subsample for quick runs
+    threads: int | None = None
+    tta_views: list[str] = field(default_factory=lambda: ["id", "flip"])
+    colour_jitter: float = 0.15
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_keys(keys, source: str) -> None:
+    valid = [f.name for f in fields(TrainConfig)]
+    for key in keys:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def load_config(path=None, **overrides) -> TrainConfig:
+    """YAML file (optional) then overrides (None values are ignored: 'not given on the CLI')."""
+    values = {}
+    if path:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values")
+        _check_keys(values, str(path))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    _check_keys(overrides, "overrides")
+    return TrainConfig(**{**values, **overrides})
