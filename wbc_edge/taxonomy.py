@@ -30,11 +30,12 @@ FULL_NAMES: dict[str, str] = {
 RARE_CODES: frozenset[str] = frozenset({"BL", "PMY", "MY", "MMY", "PC", "PLY", "VLY"})
 
 # The classic 5-part differential; immature granulocytes count with neutrophils, lymphoid variants
-# with lymphocytes, as a 5-part haematology analyser would report them.
+# with lymphocytes, as a 5-part haematology analyser would report them. Blasts fit no part: an
+# analyser flags them, so they map to OTHER rather than being hidden inside a normal class.
 FIVE_PART: dict[str, str] = {
     "SNE": "NE", "BNE": "NE", "MMY": "NE", "MY": "NE", "PMY": "NE",
     "LY": "LY", "VLY": "LY", "PLY": "LY", "PC": "LY",
-    "MO": "MO", "EO": "EO", "BA": "BA",
+    "MO": "MO", "EO": "EO", "BA": "BA", "BL": "OTHER",
 }
 LABEL_MAPS: dict[str, dict[str, str]] = {"5part": FIVE_PART}
 

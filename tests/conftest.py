@@ -1,0 +1,26 @@
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "pbc-176").is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_bundle() -> Path:
+    path = SAMPLE / "bundle"
+    assert (path / "manifest.json").is_file(), "the repo must ship data/sample/bundle"
+    return path
