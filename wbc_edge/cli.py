@@ -17,7 +17,22 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Known failures (bad input, missing extra, unusable bundle) end as one clear line, not a traceback."""
+
+    def invoke(self, ctx):
+        from ._optional import MissingExtraError
+        from .edge.runners import RunnerError
+
+        try:
+            return super().invoke(ctx)
+        except (MissingExtraError, RunnerError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+            if logging.getLogger().isEnabledFor(logging.INFO):
+                logging.getLogger("wbc_edge").exception("failed")
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wbc-edge")
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
 def main(verbose: bool) -> None:

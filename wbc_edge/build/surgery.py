@@ -35,13 +35,11 @@ def add_io_processing(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
     normed = graph.layer(op="Add", inputs=[scaled, gs.Constant("norm_shift", shift)], outputs=["images_norm"])[0]
     for node in list(old_in.outputs):
         node.inputs = [normed if t is old_in else t for t in node.inputs]
-    probs = graph.layer(op="Softmax", inputs=[old_out], outputs=[OUTPUT], attrs={"axis": 1})[0]
-    probs.dtype, probs.shape = np.float32, [old_in.shape[0], old_out.shape[1]]
+    # an explicit Variable keeps the name exactly 'probs' (layer() would uniquify a string name)
+    probs = gs.Variable(OUTPUT, dtype=np.float32, shape=[old_in.shape[0], old_out.shape[1]])
+    graph.layer(op="Softmax", inputs=[old_out], outputs=[probs], attrs={"axis": 1})
     graph.inputs, graph.outputs = [images], [probs]
-    out = gs.export_onnx(graph.cleanup().toposort())
-    out.opset_import[:] = model.opset_import
-    out.ir_version = model.ir_version
-    return out
+    return gs.export_onnx(graph.cleanup().toposort())  # keeps the source graph's opset
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:

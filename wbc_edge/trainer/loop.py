@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import metrics
 from .._optional import require
 from ..bundle import Bundle, Member, Preprocess
 from ..data.datasets import CellDataset, open_dataset
@@ -105,6 +104,8 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def fit(model, data: Prepared, cfg: TrainConfig, mean, std, hooks=(), log_path: Path | None = None):
     """Train `model` with instance-balanced sampling and cross-entropy; returns (best_state, history)."""
     torch = require("torch", "train")
+    from .. import metrics
+
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
