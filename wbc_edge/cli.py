@@ -73,12 +73,24 @@ def train(config_path, sets, classes, **opts):
 @main.command(epilog="Targets:\n\n" + targets_help().replace("\n", "\n\n"))
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--target", type=click.Choice(list(TARGETS)), default="onnx", show_default=True)
-def build(bundle, target):
+@click.option("--calib", type=click.Path(exists=True), help="real cells to calibrate INT8 on")
+@click.option("--val", type=click.Path(exists=True), help="labelled cells for the check against FP32")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--max-f1-drop", type=float, default=0.01, show_default=True,
+              help="refuse an INT8 build losing more macro-F1 than this (0.01 = 1 point)")
+def build(bundle, target, calib, val, calib_method, max_f1_drop):
     """Build deployable artifacts for BUNDLE (no torch needed)."""
     from .build.builder import build as run_build
 
-    b = run_build(bundle, target)
+    opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop} \
+        if target == "ort-int8" else {}
+    b = run_build(bundle, target, **opts)
     click.echo(f"built {target} for {len(b.members)} member(s) in {b.root}")
+    check = b.extra.get("calibration", {}).get(target)
+    if check:
+        click.echo(f"vs FP32 on {check['n_val']} cells: top-1 agreement {check['top1_agreement']:.4f}, "
+                   f"macro-F1 drop {100 * check['macro_f1_drop']:.2f} points")
 
 
 @main.command()

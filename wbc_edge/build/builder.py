@@ -24,7 +24,35 @@ def build_onnx(bundle: Bundle) -> Bundle:
     return bundle
 
 
-BUILDERS = {"onnx": build_onnx}
+def build_ort_int8(bundle: Bundle, calib=None, val=None, calib_method: str = "minmax", n_calib: int = 256,
+                   max_f1_drop: float = 0.01, scheme: str = "u8s8") -> Bundle:
+    """Calibrate U8S8 Q/DQ graphs on real cells, check them against FP32, register if good enough."""
+    from ..calibration.check import compare_to_fp32, enforce
+    from ..calibration.quantize import quantize_member
+    from ..calibration.reader import calibration_images
+
+    if calib is None:
+        raise ValueError("ort-int8 needs --calib DIR: real cells to calibrate on")
+    images = calibration_images(bundle, calib, n_calib)
+    for m in bundle.members:
+        name = f"{m.name}.int8-{scheme}.onnx"
+        quantize_member(bundle, m, images, name, calib_method, scheme)
+        m.artifacts["ort-int8"] = name
+    result = compare_to_fp32(bundle, val or calib, "int8")
+    result.update({"calib_data": str(calib), "val_data": str(val or calib), "n_calib": int(len(images)),
+                   "method": calib_method, "scheme": scheme})
+    bundle.extra.setdefault("calibration", {})["ort-int8"] = result
+    try:
+        enforce(result, max_f1_drop, str(bundle.root))
+    except ValueError:
+        for m in bundle.members:
+            bundle.path(m.artifacts.pop("ort-int8")).unlink(missing_ok=True)
+        bundle.save()  # the failed check stays on record in the manifest
+        raise
+    return bundle
+
+
+BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8}
 
 
 def build(bundle_dir, target: str, **options) -> Bundle:

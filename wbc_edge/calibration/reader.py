@@ -1,0 +1,42 @@
+"""Calibration data: a stratified set of real cells with the bundle's preprocessing."""
+from __future__ import annotations
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from ..bundle import Bundle
+from ..data.datasets import open_dataset
+from ..edge.preprocess import normalise
+
+
+def calibration_images(bundle: Bundle, data, n: int = 256, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Up to `n` images from `data`, stratified by label when labelled, resized to the bundle's size."""
+    ds = open_dataset(data)
+    if not len(ds):
+        raise ValueError(f"{data}: no images to calibrate on")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray([s.label or "" for s in ds.samples])
+    classes = np.unique(labels)
+    per_class = max(1, n // len(classes))
+    picks = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
+    pp = bundle.preprocess
+    images, _, errors = ds.subset(np.sort(picks)).load(pp.input_size, pp.interpolation, progress=progress)
+    if len(images) == 0:
+        raise ValueError(f"{data}: none of the calibration images could be read ({errors[:3]})")
+    return images
+
+
+class FloatBatchReader(CalibrationDataReader):
+    """Feeds normalised float NCHW batches to a raw (pre-surgery) graph's input."""
+
+    def __init__(self, images: np.ndarray, bundle: Bundle, input_name: str = "input", batch: int = 32):
+        pp = bundle.preprocess
+        self.batches = [normalise(images[i:i + batch], pp.mean, pp.std) for i in range(0, len(images), batch)]
+        self.input_name = input_name
+        self.rewind()
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter({self.input_name: b} for b in self.batches)
