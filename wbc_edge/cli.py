@@ -66,8 +66,9 @@ def train(config_path, sets, classes, **opts):
     opts["classes"] = classes.split(",") if classes else None
     bundle = run_train(load_config(config_path, **opts))
     summary = bundle.extra["training"]
-    click.echo(f"bundle: {bundle.root}  best val macro-F1 {summary['best_val_macro_f1']:.4f}  "
-               f"({summary['n_train']} train / {summary['n_val']} val, {summary['seconds']:.0f} s)")
+    best = summary["best_val_macro_f1"]
+    click.echo(f"bundle: {bundle.root} ({len(bundle.members)} member(s), {summary['n_train']} training images, "
+               f"{summary['seconds']:.0f} s); mean best val macro-F1: {'n/a' if best is None else f'{best:.4f}'}")
 
 
 @main.command(epilog="Targets:\n\n" + targets_help().replace("\n", "\n\n"))

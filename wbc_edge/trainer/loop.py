@@ -1,7 +1,7 @@
-"""The training loop: data -> member -> epochs -> best checkpoint -> ONNX -> bundle.
+"""The training loop: data -> members (recipes of one or two stages) -> checkpoints -> ONNX -> bundle.
 
-Kept as small composable steps (prepare_data, fit, write_bundle) so later recipes (decoupled
-two-stage, k-fold ensembles) reuse them rather than replace them.
+Built from small steps (load_pool, recipe_stages, run_epochs, export_member_files) so recipes,
+k-fold ensembles and resume share one loop.
 """
 from __future__ import annotations
 
@@ -17,62 +17,62 @@ from tqdm.auto import tqdm
 
 from .._optional import require
 from ..bundle import Bundle, Member, Preprocess
-from ..data.datasets import CellDataset, open_dataset
-from ..data.splits import train_val_split
+from ..data.datasets import open_dataset
+from ..data.splits import kfold_indices, train_val_split
 from ..taxonomy import WBC_CODES
 from . import augment
+from .checkpoint import load_checkpoint, save_checkpoint, save_weights
 from .config import TrainConfig
 from .members import MEMBERS, create_member, member_preprocess
 from .samplers import SAMPLERS
 
 log = logging.getLogger("wbc_edge.trainer")
+RECIPES = ("ce", "decoupled", "focal-logw", "ldam-drw", "logit-adjust", "tau-norm")
 
 
 @dataclass
-class Prepared:
+class Pool:
+    """Labelled images loaded once (uint8 NxSxSx3) and shared by every fold and member."""
     classes: list[str]
-    x_train: np.ndarray  # uint8 NxSxSx3
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    val_paths: list[str]
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    groups: list
     errors: list  # LoadError rows: unreadable files, reported, never silently dropped
 
+    def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[idx], self.y[idx]
 
-def select_dataset(cfg: TrainConfig) -> CellDataset:
-    ds = open_dataset(cfg.data)
-    classes = cfg.classes or [c for c in ds.classes if c in WBC_CODES]
+
+def select_dataset(source, cfg: TrainConfig, classes=None, exclude: bool = True):
+    ds = open_dataset(source)
+    classes = classes or cfg.classes or [c for c in ds.classes if c in WBC_CODES]
     ds = ds.filter_classes(classes)
-    if cfg.exclude_from:
-        names = {p.name for p in Path(cfg.exclude_from).rglob("*") if p.is_file()}
-        ds = ds.exclude_names(names)
+    if exclude and cfg.exclude_from:
+        ds = ds.exclude_names({p.name for p in Path(cfg.exclude_from).rglob("*") if p.is_file()})
     if cfg.max_per_class:
         rng = np.random.default_rng(cfg.seed)
         labels = np.asarray(ds.labels)
         keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cfg.max_per_class] for c in classes])
         ds = ds.subset(np.sort(keep))
     if not len(ds):
-        raise ValueError(f"{cfg.data}: no images of classes {classes}")
+        raise ValueError(f"{source}: no images of classes {classes}")
     return ds
 
 
-def prepare_data(cfg: TrainConfig, input_size: int) -> Prepared:
-    ds = select_dataset(cfg)
+def load_pool(source, cfg: TrainConfig, size: int, classes=None) -> Pool:
+    ds = select_dataset(source, cfg, classes)
     classes = list(ds.classes)
-    y = np.asarray([classes.index(s.label) for s in ds.samples])
-    groups = [s.group for s in ds.samples]
-    tr, va = train_val_split(y, cfg.val_fraction, cfg.seed, groups)
-    x_tr, kept_tr, err_tr = ds.subset(tr).load(input_size, progress=cfg.progress)
-    x_va, kept_va, err_va = ds.subset(va).load(input_size, progress=cfg.progress)
-    for e in err_tr + err_va:
+    x, kept, errors = ds.load(size, progress=cfg.progress)
+    for e in errors:
         log.warning("skipping unreadable image %s: %s", e.path, e.reason)
-    return Prepared(classes, x_tr, y[tr][kept_tr], x_va, y[va][kept_va],
-                    [ds.samples[i].path for i in va[kept_va]], err_tr + err_va)
+    y = np.asarray([classes.index(ds.samples[i].label) for i in kept], np.int64)
+    return Pool(classes, x, y, [ds.samples[i].path for i in kept], [ds.samples[i].group for i in kept], errors)
 
 
 def to_model_input(batch_u8: np.ndarray, mean, std, torch, gen=None, jitter: float = 0.0):
     """uint8 NHWC -> normalised float NCHW, with D4 + colour jitter when `gen` is given (training)."""
-    x = torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(batch_u8)).permute(0, 3, 1, 2).float().div_(255.0)
     if gen is not None:
         x = augment.random_d4(x, gen)
         if jitter:
@@ -101,51 +101,166 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + np.cos(np.pi * t))
 
 
-def fit(model, data: Prepared, cfg: TrainConfig, mean, std, hooks=(), log_path: Path | None = None):
-    """Train `model` with instance-balanced sampling and cross-entropy; returns (best_state, history)."""
+@dataclass
+class Stage:
+    name: str
+    epochs: int
+    lr: float
+    sampler: str  # key of SAMPLERS
+    loss: object  # torch module: loss(logits, targets)
+    frozen_backbone: bool = False
+    drw_from: int | None = None  # LDAM-DRW: epoch from which class weights switch on
+    drw_weights: np.ndarray | None = None
+
+
+def recipe_stages(cfg: TrainConfig, counts: np.ndarray) -> list[Stage]:
+    from . import losses as L
+
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
+    ce = L.FocalLoss(gamma=0.0)
+    s1 = Stage("representation", cfg.epochs, cfg.lr, "instance", ce)
+    if cfg.recipe in ("ce", "tau-norm"):
+        return [s1]
+    if cfg.recipe == "decoupled":
+        hybrid = L.FocalLoss(L.effective_number_weights(counts, cfg.cb_beta), cfg.focal_gamma)
+        return [s1, Stage("classifier", cfg.stage2_epochs, cfg.stage2_lr, "class", hybrid, frozen_backbone=True)]
+    if cfg.recipe == "focal-logw":
+        return [Stage("focal-logw", cfg.epochs, cfg.lr, "class", L.FocalLoss(L.inverse_log_weights(counts),
+                                                                            cfg.focal_gamma))]
+    if cfg.recipe == "ldam-drw":
+        return [Stage("ldam-drw", cfg.epochs, cfg.lr, "instance", L.LDAMLoss(counts, cfg.ldam_max_margin),
+                      drw_from=int(cfg.drw_start * cfg.epochs),
+                      drw_weights=L.effective_number_weights(counts, cfg.cb_beta))]
+    return [Stage("logit-adjust", cfg.epochs, cfg.lr, "instance", L.LogitAdjustedLoss(counts / counts.sum(),
+                                                                                     cfg.la_tau))]
+
+
+def enter_stage(model, stage: Stage, cfg: TrainConfig, n_classes: int):
+    """Set up trainable parameters for `stage` and return its optimiser."""
     torch = require("torch", "train")
+    if not stage.frozen_backbone:
+        return torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
+    # Decoupled stage 2: the backbone is frozen *including BatchNorm statistics* (eval mode, no grad);
+    # only a freshly initialised classifier learns.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.reset_classifier(n_classes)
+    head = model.get_classifier()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return torch.optim.AdamW(head.parameters(), lr=stage.lr, weight_decay=cfg.weight_decay)
+
+
+def forward(model, x, stage: Stage):
+    if not stage.frozen_backbone:
+        model.train()
+        return model(x)
+    torch = require("torch", "train")
+    model.eval()  # BatchNorm running statistics stay exactly as stage 1 left them
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    return model.get_classifier()(feats)
+
+
+def run_epoch(model, stage: Stage, opt, train, ctx, epoch: int) -> list[float]:
+    torch = require("torch", "train")
+    cfg, gen, rng, mean, std = ctx["cfg"], ctx["gen"], ctx["rng"], ctx["mean"], ctx["std"]
+    x_tr, y_tr = train
+    if stage.drw_from is not None and epoch >= stage.drw_from:
+        stage.loss.set_weights(stage.drw_weights)
+    order = SAMPLERS[stage.sampler](y_tr, rng)
+    steps = max(1, len(order) // cfg.batch_size)
+    total, warmup = steps * stage.epochs, int(steps * cfg.warmup_epochs)
+    bar = tqdm(range(steps), desc=f"{ctx['name']} {stage.name} {epoch + 1}/{stage.epochs}", unit="batch",
+               disable=not cfg.progress, leave=False)
+    losses = []
+    for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        xb = augment.apply_uint8_hooks(x_tr[idx], ctx["hooks"], rng)
+        x = to_model_input(xb, mean, std, torch, gen, cfg.colour_jitter)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch * steps + b, total, warmup, stage.lr)
+        loss = stage.loss(forward(model, x, stage), torch.from_numpy(y_tr[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    return losses
+
+
+def validate(model, val, ctx) -> dict:
     from .. import metrics
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(data.y_train) // cfg.batch_size)
-    total, warmup = steps_per_epoch * cfg.epochs, int(steps_per_epoch * cfg.warmup_epochs)
-    best, best_state, history, step = -1.0, None, [], 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = SAMPLERS["instance"](data.y_train, rng)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not cfg.progress)
-        losses, t0 = [], time.perf_counter()
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb = augment.apply_uint8_hooks(data.x_train[idx], list(hooks), rng)
-            x = to_model_input(xb, mean, std, torch, gen, cfg.colour_jitter)
-            y = torch.from_numpy(data.y_train[idx])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, cfg.lr)
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        probs = predict_torch(model, data.x_val, mean, std)
-        rep = metrics.classification_report(data.y_val, probs.argmax(1), list(range(len(data.classes))))
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_macro_f1": rep["macro_f1"],
-               "val_balanced_accuracy": rep["balanced_accuracy"], "seconds": time.perf_counter() - t0,
-               "images_per_s": steps_per_epoch * cfg.batch_size / (time.perf_counter() - t0)}
+    probs = predict_torch(model, val[0], ctx["mean"], ctx["std"])
+    rep = metrics.classification_report(val[1], probs.argmax(1), list(range(ctx["n_classes"])))
+    return {"val_macro_f1": rep["macro_f1"], "val_balanced_accuracy": rep["balanced_accuracy"]}
+
+
+def run_stages(model, stages: list[Stage], train, val, ctx, ckpt: Path) -> tuple[list[dict], dict | None]:
+    """Every epoch of every stage, checkpointed after each epoch; returns (history, best state)."""
+    torch = require("torch", "train")
+    plan = [(si, e) for si, st in enumerate(stages) for e in range(st.epochs)]
+    history, best, best_state, start, opt = [], -1.0, None, 0, None
+    if ctx["cfg"].resume and ckpt.with_suffix(".json").exists():
+        si = json.loads(ckpt.with_suffix(".json").read_text())["stage"]
+        for prior in range(si + 1):  # re-enter the stages already begun (freezing is structural)
+            opt = enter_stage(model, stages[prior], ctx["cfg"], ctx["n_classes"])
+        meta, best_state = load_checkpoint(ckpt, model, opt, ctx["gen"], ctx["rng"])
+        history, best, start = meta["history"], meta["best"], meta["next"]
+        log.info("%s: resumed at epoch %d of %d", ctx["name"], start, len(plan))
+    for pos in range(start, len(plan)):
+        si, e = plan[pos]
+        if e == 0:
+            opt, best = enter_stage(model, stages[si], ctx["cfg"], ctx["n_classes"]), -1.0
+        t0 = time.perf_counter()
+        losses = run_epoch(model, stages[si], opt, train, ctx, e)
+        row = {"member": ctx["name"], "stage": stages[si].name, "epoch": e + 1, "train_loss": float(np.mean(losses)),
+               **(validate(model, val, ctx) if val is not None else {}), "seconds": time.perf_counter() - t0}
+        row["images_per_s"] = len(losses) * ctx["cfg"].batch_size / row["seconds"]
         history.append(row)
-        log.info("epoch %d: %s", epoch + 1, json.dumps(row))
-        if log_path:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if rep["macro_f1"] > best:
-            best = rep["macro_f1"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return best_state, history
+        with open(ctx["log_path"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+        score = row.get("val_macro_f1", -1.0)
+        if not ctx["cfg"].select_best or score > best or val is None:
+            best, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        save_checkpoint(ckpt, model, opt, ctx["gen"], ctx["rng"],
+                        {"stage": si, "next": pos + 1, "history": history, "best": best}, best_state)
+    return history, best_state
+
+
+def train_member(cfg: TrainConfig, arch: str, name: str, n_classes: int, train, val, out: Path, hooks=()):
+    """One member: its recipe's stages, best/last state, post-hoc tau-norm; returns (model, history, mean, std)."""
+    torch = require("torch", "train")
+    torch.manual_seed(cfg.seed)
+    model = create_member(arch, n_classes, cfg.pretrained, cfg.pretrained_file)
+    mean, std = member_preprocess(model)
+    counts = np.bincount(train[1], minlength=n_classes).astype(np.float64)
+    ctx = {"cfg": cfg, "gen": torch.Generator().manual_seed(cfg.seed), "rng": np.random.default_rng(cfg.seed),
+           "mean": mean, "std": std, "n_classes": n_classes, "name": name, "hooks": list(hooks),
+           "log_path": out / "train_log.jsonl"}
+    (out / "ckpt").mkdir(exist_ok=True)
+    stages = recipe_stages(cfg, counts)
+    history, best_state = run_stages(model, stages, train, val, ctx, out / "ckpt" / name)
+    if stages[-1].frozen_backbone:  # the checkpointed state has a re-initialised head of the same shape
+        model.reset_classifier(n_classes)
+    model.load_state_dict(best_state)
+    if cfg.recipe == "tau-norm":
+        from .losses import tau_normalise_
+
+        tau_normalise_(model.get_classifier(), cfg.tau_norm)
+        if val is not None:
+            history.append({"member": name, "stage": "tau-norm", **validate(model, val, ctx)})
+    return model.eval(), history, mean, std
+
+
+def splits_for(pool: Pool, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    if cfg.val_data:
+        return [(np.arange(len(pool.y)), None)]
+    if cfg.folds > 1:
+        return kfold_indices(pool.y, cfg.folds, cfg.seed, pool.groups)
+    return [train_val_split(pool.y, cfg.val_fraction, cfg.seed, pool.groups)]
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> Path:
@@ -154,61 +269,75 @@ def plot_learning_curve(history: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax2 = ax.twinx()
-    ax2.plot(ep, [h["val_macro_f1"] for h in history], "s-", color="tab:orange", label="val macro-F1")
-    ax2.set_ylabel("macro-F1")
+    for member in dict.fromkeys(h["member"] for h in history):
+        rows = [h for h in history if h["member"] == member and "train_loss" in h]
+        x = np.arange(1, len(rows) + 1)
+        ax.plot(x, [h["train_loss"] for h in rows], "o-", ms=3, label=f"{member} train loss")
+        if rows and "val_macro_f1" in rows[0]:
+            ax2.plot(x, [h["val_macro_f1"] for h in rows], "s--", ms=3, label=f"{member} val macro-F1")
+    ax.set_xlabel("epoch (all stages)")
+    ax.set_ylabel("train loss")
+    ax2.set_ylabel("val macro-F1")
     ax2.set_ylim(0, 1)
-    fig.legend(loc="lower center", ncol=2)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def train(cfg: TrainConfig) -> Bundle:
-    """Train one member per the config and write a complete bundle (weights, ONNX, manifest)."""
+def train(cfg: TrainConfig, hooks=()) -> Bundle:
+    """Train every (member, fold) of the config and write one ensemble bundle."""
     torch = require("torch", "train")
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    size = cfg.input_size or MEMBERS[cfg.member]["input_size"]
+    archs = cfg.members or [cfg.member]
+    size = cfg.input_size or MEMBERS[archs[0]]["input_size"]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    data = prepare_data(cfg, size)
-    model = create_member(cfg.member, len(data.classes), cfg.pretrained, cfg.pretrained_file)
-    mean, std = member_preprocess(model)
-    (out / "train_log.jsonl").unlink(missing_ok=True)
-    best_state, history = fit(model, data, cfg, mean, std, log_path=out / "train_log.jsonl")
-    model.load_state_dict(best_state)
-    summary = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - t0,
-               "n_train": int(len(data.y_train)), "n_val": int(len(data.y_val)),
-               "unreadable": [e.__dict__ for e in data.errors],
-               "best_val_macro_f1": max(h["val_macro_f1"] for h in history)}
+    pool = load_pool(cfg.data, cfg, size)
+    val_pool = load_pool(cfg.val_data, cfg, size, pool.classes) if cfg.val_data else None
+    members, history, pp = [], [], None
+    for arch in archs:
+        for k, (tr, va) in enumerate(splits_for(pool, cfg)):
+            name = f"m{len(members)}"
+            val = val_pool.take(slice(None)) if val_pool else pool.take(va)
+            model, hist, mean, std = train_member(cfg, arch, name, len(pool.classes), pool.take(tr), val, out, hooks)
+            if pp is not None and (pp.mean, pp.std) != (mean, std):
+                raise ValueError(f"member {arch} normalises differently from {archs[0]}; one bundle needs one")
+            pp = Preprocess(size, mean, std)
+            members.append(export_member_files(out, model, name, arch, pool.classes, pp,
+                                               fold=k if cfg.folds > 1 else None))
+            history += hist
+            if va is not None and k == 0 and arch == archs[0]:
+                (out / "val_split.txt").write_text("\n".join(pool.paths[i] for i in va) + "\n")
     plot_learning_curve(history, out / "learning_curve.png")
-    (out / "val_split.txt").write_text("\n".join(data.val_paths) + "\n")
-    priors = np.bincount(data.y_train, minlength=len(data.classes)) / len(data.y_train)
-    return write_bundle(out, model, cfg.member, data.classes, Preprocess(size, mean, std),
-                        extra={"tta": {"views": list(cfg.tta_views)}, "training": summary,
-                               "class_priors": dict(zip(data.classes, map(float, priors)))})
+    priors = np.bincount(pool.y, minlength=len(pool.classes)) / len(pool.y)
+    best = [max((h.get("val_macro_f1", float("nan")) for h in history if h["member"] == m.name), default=None)
+            for m in members]
+    summary = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - t0,
+               "n_train": int(len(pool.y)), "n_val": int(len(val_pool.y)) if val_pool else None,
+               "unreadable": [e.__dict__ for e in pool.errors], "best_val_macro_f1_per_member": best,
+               "best_val_macro_f1": float(np.nanmean([b for b in best if b is not None])) if any(best) else None}
+    bundle = Bundle(out, list(pool.classes), pp, members,
+                    {"tta": {"views": list(cfg.tta_views)}, "training": summary,
+                     "class_priors": dict(zip(pool.classes, map(float, priors)))})
+    bundle.save()
+    return bundle
 
 
-def write_bundle(out: Path, model, arch: str, classes, pp: Preprocess, extra: dict, name: str = "m0") -> Bundle:
-    """Save weights (safetensors), export + surgery to a deployable ONNX, write the manifest."""
+def export_member_files(out: Path, model, name: str, arch: str, classes, pp: Preprocess, fold=None) -> Member:
+    """Save weights (safetensors), export + surgery to a deployable ONNX; returns the manifest entry."""
     from ..build.export import export_member
     from ..build.surgery import build_member_graph
-    from .checkpoint import save_weights
 
     save_weights(model, out / f"{name}.safetensors")
     raw = export_member(model, out / f"{name}.raw.onnx", pp.input_size)
     build_member_graph(raw, out / f"{name}.onnx", pp.mean, pp.std,
                        {"classes": classes, "preprocess": pp.to_dict(), "member": name, "arch": arch})
-    member = Member(name=name, arch=arch, weights=f"{name}.safetensors", onnx=f"{name}.onnx",
-                    artifacts={"raw-onnx": f"{name}.raw.onnx"})
-    bundle = Bundle(out, list(classes), pp, [member], extra)
-    bundle.save()
-    return bundle
+    return Member(name=name, arch=arch, weights=f"{name}.safetensors", onnx=f"{name}.onnx", fold=fold,
+                  artifacts={"raw-onnx": f"{name}.raw.onnx"})
