@@ -27,6 +27,7 @@ def save_checkpoint(path: Path, model, opt, gen, rng: np.random.Generator, meta:
     for idx, state in opt_state["state"].items():
         tensors.update({f"opt.{idx}.{k}": v.detach().clone() for k, v in state.items()})
     tensors["rng.torch"] = gen.get_state()
+    tensors["rng.torch_global"] = require("torch", "train").get_rng_state()  # dropout, head re-init
     if best_state is not None:
         tensors.update({f"best.{k}": v for k, v in _tensors(best_state).items()})
     st.save_file(tensors, str(path.with_suffix(".safetensors")))
@@ -47,6 +48,7 @@ def load_checkpoint(path: Path, model, opt, gen, rng: np.random.Generator) -> tu
             state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     gen.set_state(tensors["rng.torch"])
+    require("torch", "train").set_rng_state(tensors["rng.torch_global"])
     rng.bit_generator.state = meta.pop("rng_numpy")
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     return meta, best

@@ -213,6 +213,8 @@ def run_stages(model, stages: list[Stage], train, val, ctx, ckpt: Path) -> tuple
     for pos in range(start, len(plan)):
         si, e = plan[pos]
         if e == 0:
+            if si > 0 and best_state is not None:  # a later stage builds on the previous stage's kept state
+                model.load_state_dict(best_state)
             opt, best = enter_stage(model, stages[si], ctx["cfg"], ctx["n_classes"]), -1.0
         t0 = time.perf_counter()
         losses = run_epoch(model, stages[si], opt, train, ctx, e)

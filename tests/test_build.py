@@ -1,0 +1,62 @@
+"""`wbc-edge build` on the real shipped bundle: ONNX rebuild, INT8 calibration + check + refusal."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from wbc_edge.build.builder import build
+from wbc_edge.bundle import Bundle
+from wbc_edge.calibration.check import PrecisionDropError
+from wbc_edge.data.datasets import from_image_folder
+from wbc_edge.edge.classifier import EnsembleClassifier
+from wbc_edge.edge.runners import OrtRunner, RunnerError
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, sample_bundle):
+    dst = tmp_path / "bundle"
+    shutil.copytree(sample_bundle, dst, ignore=shutil.ignore_patterns("*.int8*"))
+    return dst
+
+
+def test_onnx_target_rebuilds_the_same_graph(bundle_copy, sample_dir):
+    before = Bundle.load(bundle_copy)
+    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 11)).load(before.preprocess.input_size,
+                                                                                  progress=False)
+    with OrtRunner(before.path(before.members[0].onnx)) as r:
+        ref = r.infer(x)
+    after = build(bundle_copy, "onnx")
+    with OrtRunner(after.path(after.members[0].onnx)) as r:
+        assert np.abs(r.infer(x) - ref).max() < 1e-6
+
+
+def test_ort_int8_is_calibrated_checked_and_registered(bundle_copy, sample_dir):
+    b = build(bundle_copy, "ort-int8", calib=sample_dir / "cells", n_calib=64, max_f1_drop=1.0)
+    check = b.extra["calibration"]["ort-int8"]
+    assert check["n_val"] == 270 and 0 <= check["top1_agreement"] <= 1
+    assert set(check["recall_drop"]) == set(b.classes)
+    reloaded = Bundle.load(bundle_copy)  # checksums cover the new graph
+    assert reloaded.members[0].artifacts["ort-int8"].endswith(".onnx")
+    with EnsembleClassifier(reloaded, precision="int8") as clf:
+        x, _, _ = from_image_folder(sample_dir / "cells" / "LY").load(None, progress=False)
+        probs = clf.predict(x)
+    assert probs.shape == (30, len(b.classes)) and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+
+def test_int8_over_the_allowed_drop_is_refused_and_recorded(bundle_copy, sample_dir):
+    with pytest.raises(PrecisionDropError, match="macro-F1"):
+        build(bundle_copy, "ort-int8", calib=sample_dir / "cells", n_calib=32, max_f1_drop=-1.0)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    assert "ort-int8" not in manifest["members"][0]["artifacts"]
+    assert "ort-int8" in manifest["calibration"]  # the failed check stays on record
+    assert not list(bundle_copy.glob("*.int8*.onnx"))
+
+
+def test_corrupt_onnx_gives_a_clear_error(tmp_path):
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(RunnerError, match="m.onnx"):
+        OrtRunner(bad).activate()
+    with pytest.raises(RunnerError, match="not found"):
+        OrtRunner(tmp_path / "none.onnx").activate()
