@@ -60,3 +60,24 @@ def test_corrupt_onnx_gives_a_clear_error(tmp_path):
         OrtRunner(bad).activate()
     with pytest.raises(RunnerError, match="not found"):
         OrtRunner(tmp_path / "none.onnx").activate()
+
+
+def test_strip_io_processing_inverts_the_surgery(sample_bundle):
+    """The raw graph recovered from a deployable one, re-wrapped, gives the same probabilities."""
+    import onnx
+    import onnxruntime as ort
+
+    from wbc_edge.build.surgery import add_io_processing, strip_io_processing
+
+    b = Bundle.load(sample_bundle)
+    deployable = onnx.load(str(b.path(b.members[0].onnx)))
+    raw = strip_io_processing(deployable)
+    onnx.checker.check_model(raw)
+    assert raw.graph.input[0].name == "input" and raw.graph.output[0].name == "logits"
+    again = add_io_processing(raw, b.preprocess.mean, b.preprocess.std)
+    s = b.preprocess.input_size
+    x = np.random.default_rng(0).integers(0, 256, (4, s, s, 3), dtype=np.uint8)
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"images": x})[0]  # noqa: E731
+    assert np.abs(run(again) - run(deployable)).max() < 1e-6
+    with pytest.raises(ValueError, match="deployable"):
+        strip_io_processing(raw)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from ..bundle import Bundle
-from .surgery import build_member_graph
+from .surgery import build_member_graph, raw_graph_path
 from .targets import TARGETS
 
 log = logging.getLogger("wbc_edge.build")
@@ -14,13 +15,12 @@ def build_onnx(bundle: Bundle) -> Bundle:
     """Re-run graph surgery from each member's raw export (uint8 in, softmax out, metadata)."""
     pp = bundle.preprocess
     for m in bundle.members:
-        raw = m.artifacts.get("raw-onnx")
-        if not raw:
-            raise ValueError(f"{bundle.root}: member {m.name!r} has no raw ONNX export to build from")
-        m.onnx = f"{m.name}.onnx"
-        build_member_graph(bundle.path(raw), bundle.path(m.onnx), pp.mean, pp.std,
-                           {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": m.name,
-                            "arch": m.arch, "ensemble_weight": m.weight})
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = raw_graph_path(bundle, m, tmp)
+            m.onnx = f"{m.name}.onnx"
+            build_member_graph(raw, bundle.path(m.onnx), pp.mean, pp.std,
+                               {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": m.name,
+                                "arch": m.arch, "ensemble_weight": m.weight})
     return bundle
 
 

@@ -42,6 +42,37 @@ def add_io_processing(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
     return gs.export_onnx(graph.cleanup().toposort())  # keeps the source graph's opset
 
 
+def strip_io_processing(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of `add_io_processing`: recover the float NCHW -> logits graph from a deployable one.
+
+    Lets a bundle ship only its deployable graphs and still be re-built or quantised without torch.
+    """
+    graph = gs.import_onnx(model)
+    (images,), (probs,) = graph.inputs, graph.outputs
+    if images.name != INPUT or probs.name != OUTPUT or probs.inputs[0].op != "Softmax":
+        raise ValueError("not a wbc-edge deployable graph (expects input 'images' and a Softmax output 'probs')")
+    node = images.outputs[0]
+    for op in ("Cast", "Transpose", "Mul", "Add"):  # the exact chain add_io_processing inserts
+        if node.op != op:
+            raise ValueError(f"unexpected {node.op} where {op} of the input preprocessing was expected")
+        normed, node = node.outputs[0], node.outputs[0].outputs[0]
+    size = images.shape[1]
+    raw_in = gs.Variable("input", dtype=np.float32, shape=[images.shape[0], 3, size, size])
+    for consumer in list(normed.outputs):
+        consumer.inputs = [raw_in if t is normed else t for t in consumer.inputs]
+    logits = probs.inputs[0].inputs[0]
+    logits.name = "logits"
+    graph.inputs, graph.outputs = [raw_in], [logits]
+    return gs.export_onnx(graph.cleanup().toposort())
+
+
+def raw_graph_path(bundle, member, tmp_dir) -> Path:
+    """The member's raw graph, stripped from its deployable graph into `tmp_dir` (bundles ship only that)."""
+    path = Path(tmp_dir) / f"{member.name}.raw.onnx"
+    onnx.save(strip_io_processing(onnx.load(str(bundle.path(member.onnx)))), str(path))
+    return path
+
+
 def set_metadata(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     """Store classes, preprocessing, member weights and version in the graph's metadata_props."""
     meta = {"wbc_edge_version": __version__, **meta}

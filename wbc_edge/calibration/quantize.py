@@ -13,7 +13,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..bundle import Bundle
-from ..build.surgery import build_member_graph
+from ..build.surgery import build_member_graph, raw_graph_path
 from .reader import FloatBatchReader
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -30,8 +30,8 @@ def quantize_member(bundle: Bundle, member, images, out_name: str, method: str =
     """Quantise one member's raw graph with `images` (uint8 NHWC) and build its deployable INT8 graph."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    raw = bundle.path(member.artifacts["raw-onnx"])
     with tempfile.TemporaryDirectory() as tmp:
+        raw = raw_graph_path(bundle, member, tmp)
         prepped, qdq = Path(tmp) / "prepped.onnx", Path(tmp) / "qdq.onnx"
         quant_pre_process(str(raw), str(prepped), skip_symbolic_shape=True)  # BN fold + shapes
         opts = dict(SCHEMES[scheme])

@@ -334,12 +334,14 @@ def train(cfg: TrainConfig, hooks=()) -> Bundle:
 
 def export_member_files(out: Path, model, name: str, arch: str, classes, pp: Preprocess, fold=None) -> Member:
     """Save weights (safetensors), export + surgery to a deployable ONNX; returns the manifest entry."""
+    import tempfile
+
     from ..build.export import export_member
     from ..build.surgery import build_member_graph
 
     save_weights(model, out / f"{name}.safetensors")
-    raw = export_member(model, out / f"{name}.raw.onnx", pp.input_size)
-    build_member_graph(raw, out / f"{name}.onnx", pp.mean, pp.std,
-                       {"classes": classes, "preprocess": pp.to_dict(), "member": name, "arch": arch})
-    return Member(name=name, arch=arch, weights=f"{name}.safetensors", onnx=f"{name}.onnx", fold=fold,
-                  artifacts={"raw-onnx": f"{name}.raw.onnx"})
+    with tempfile.TemporaryDirectory() as tmp:  # the raw graph can be recovered from the deployable one
+        raw = export_member(model, Path(tmp) / f"{name}.raw.onnx", pp.input_size)
+        build_member_graph(raw, out / f"{name}.onnx", pp.mean, pp.std,
+                           {"classes": classes, "preprocess": pp.to_dict(), "member": name, "arch": arch})
+    return Member(name=name, arch=arch, weights=f"{name}.safetensors", onnx=f"{name}.onnx", fold=fold)
