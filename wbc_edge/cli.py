@@ -85,10 +85,10 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop):
     from .build.builder import build as run_build
 
     opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop} \
-        if target == "ort-int8" else {}
+        if target in ("ort-int8", "trt-int8") else {}
     b = run_build(bundle, target, **opts)
     click.echo(f"built {target} for {len(b.members)} member(s) in {b.root}")
-    check = b.extra.get("calibration", {}).get(target)
+    check = b.extra.get("calibration", {}).get(target) or b.extra.get("calibration", {}).get(f"{target}-onnx")
     if check:
         click.echo(f"vs FP32 on {check['n_val']} cells: top-1 agreement {check['top1_agreement']:.4f}, "
                    f"macro-F1 drop {100 * check['macro_f1_drop']:.2f} points")

@@ -24,35 +24,54 @@ def build_onnx(bundle: Bundle) -> Bundle:
     return bundle
 
 
-def build_ort_int8(bundle: Bundle, calib=None, val=None, calib_method: str = "minmax", n_calib: int = 256,
-                   max_f1_drop: float = 0.01, scheme: str = "u8s8") -> Bundle:
-    """Calibrate U8S8 Q/DQ graphs on real cells, check them against FP32, register if good enough."""
+def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, calib_method: str = "minmax",
+                   n_calib: int = 256, max_f1_drop: float = 0.01) -> Bundle:
+    """Calibrate Q/DQ graphs on real cells, check them against FP32 on ORT CPU, register them as `key`."""
     from ..calibration.check import compare_to_fp32, enforce
     from ..calibration.quantize import quantize_member
     from ..calibration.reader import calibration_images
 
     if calib is None:
-        raise ValueError("ort-int8 needs --calib DIR: real cells to calibrate on")
+        raise ValueError(f"{key} needs --calib DIR: real cells to calibrate on")
     images = calibration_images(bundle, calib, n_calib)
     for m in bundle.members:
-        name = f"{m.name}.int8-{scheme}.onnx"
-        quantize_member(bundle, m, images, name, calib_method, scheme)
-        m.artifacts["ort-int8"] = name
-    result = compare_to_fp32(bundle, val or calib, "int8")
+        m.artifacts[key] = f"{m.name}.int8-{scheme}.onnx"
+        quantize_member(bundle, m, images, m.artifacts[key], calib_method, scheme)
+    result = compare_to_fp32(bundle, val or calib, key)
     result.update({"calib_data": str(calib), "val_data": str(val or calib), "n_calib": int(len(images)),
                    "method": calib_method, "scheme": scheme})
-    bundle.extra.setdefault("calibration", {})["ort-int8"] = result
+    bundle.extra.setdefault("calibration", {})[key] = result
     try:
         enforce(result, max_f1_drop, str(bundle.root))
     except ValueError:
         for m in bundle.members:
-            bundle.path(m.artifacts.pop("ort-int8")).unlink(missing_ok=True)
+            bundle.path(m.artifacts.pop(key)).unlink(missing_ok=True)
         bundle.save()  # the failed check stays on record in the manifest
         raise
     return bundle
 
 
-BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8}
+def build_ort_int8(bundle: Bundle, **calib_options) -> Bundle:
+    """U8S8 Q/DQ for ONNX Runtime on CPUs (fast with VNNI)."""
+    return calibrate_int8(bundle, "ort-int8", "u8s8", **calib_options)
+
+
+def build_trt_int8(bundle: Bundle, **calib_options) -> Bundle:
+    """Symmetric S8S8 Q/DQ (what TensorRT accepts), checked on ORT CPU, then the engine on this GPU."""
+    from .tensorrt import build_trt_int8 as engines
+
+    bundle = calibrate_int8(bundle, "trt-int8-onnx", "s8s8", **calib_options)
+    bundle.save()  # the calibrated graph is kept even where no GPU can build the engine
+    return engines(bundle, qdq_artifact="trt-int8-onnx")
+
+
+def build_trt_fp16(bundle: Bundle) -> Bundle:
+    from .tensorrt import build_trt_fp16 as engines
+
+    return engines(bundle)
+
+
+BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8, "trt-fp16": build_trt_fp16, "trt-int8": build_trt_int8}
 
 
 def build(bundle_dir, target: str, **options) -> Bundle:

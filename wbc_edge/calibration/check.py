@@ -13,12 +13,12 @@ class PrecisionDropError(ValueError):
     """A quantised model lost more macro-F1 than the user allows."""
 
 
-def _predict(bundle: Bundle, images: np.ndarray, precision: str) -> np.ndarray:
-    with EnsembleClassifier(bundle, "cpu", views=["id"], precision=precision) as clf:
+def _predict(bundle: Bundle, images: np.ndarray, artifact: str | None) -> np.ndarray:
+    with EnsembleClassifier(bundle, "cpu", views=["id"], artifact=artifact) as clf:
         return clf.predict(images)
 
 
-def compare_to_fp32(bundle: Bundle, val_data, precision: str = "int8") -> dict:
+def compare_to_fp32(bundle: Bundle, val_data, artifact: str = "ort-int8", precision: str = "int8") -> dict:
     """Top-1 agreement, macro-F1 of both, the drop, and per-class recall drop (FP32 - reduced)."""
     ds = open_dataset(val_data).filter_classes(bundle.classes)
     pp = bundle.preprocess
@@ -26,12 +26,12 @@ def compare_to_fp32(bundle: Bundle, val_data, precision: str = "int8") -> dict:
     if len(kept) == 0:
         raise ValueError(f"{val_data}: no readable validation images with the model's classes")
     y = [ds.samples[i].label for i in kept]
-    ref, red = _predict(bundle, images, "fp32"), _predict(bundle, images, precision)
+    ref, red = _predict(bundle, images, None), _predict(bundle, images, artifact)
     names = np.asarray(bundle.classes)
     rep_ref = metrics.classification_report(y, list(names[ref.argmax(1)]), bundle.classes)
     rep_red = metrics.classification_report(y, list(names[red.argmax(1)]), bundle.classes)
     return {
-        "precision": precision, "n_val": int(len(kept)),
+        "precision": precision, "artifact": artifact, "n_val": int(len(kept)),
         "top1_agreement": float((ref.argmax(1) == red.argmax(1)).mean()),
         "max_abs_prob_diff": float(np.abs(ref - red).max()),
         "macro_f1_fp32": rep_ref["macro_f1"], f"macro_f1_{precision}": rep_red["macro_f1"],

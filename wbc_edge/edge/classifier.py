@@ -13,8 +13,10 @@ class EnsembleClassifier:
     """uint8 crops (any size) -> (B, C) probabilities; one runner call per member per chunk."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
-                 precision: str = "fp32", max_batch: int = 256, threads: int | None = None):
+                 precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
+                 artifact: str | None = None):
         self.bundle, self.device, self.precision = bundle, device, precision
+        self.artifact = artifact or (None if precision == "fp32" else f"ort-{precision}")
         self.views = views or bundle.extra.get("tta", {}).get("views", ["id"])
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
@@ -22,12 +24,12 @@ class EnsembleClassifier:
         self.runners: list[Runner] = []
 
     def _graph(self, member) -> str:
-        if self.precision == "fp32":
+        if self.artifact is None:
             return member.onnx
-        key = f"ort-{self.precision}"
-        if key not in member.artifacts:
-            raise ValueError(f"member {member.name!r} has no {key} graph; run `wbc-edge build --target {key}`")
-        return member.artifacts[key]
+        if self.artifact not in member.artifacts:
+            raise ValueError(f"member {member.name!r} has no {self.artifact} graph; "
+                             f"run `wbc-edge build --target {self.artifact}`")
+        return member.artifacts[self.artifact]
 
     def activate(self) -> "EnsembleClassifier":
         self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, threads=self.threads)
