@@ -8,7 +8,7 @@ import pytest
 from wbc_edge.build.builder import build
 from wbc_edge.bundle import Bundle
 from wbc_edge.calibration.check import PrecisionDropError
-from wbc_edge.data.datasets import from_image_folder
+from wbc_edge.data.datasets import from_folder, from_image_folder
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.runners import OrtRunner, RunnerError
 
@@ -39,7 +39,7 @@ def test_ort_int8_is_calibrated_checked_and_registered(bundle_copy, sample_dir):
     reloaded = Bundle.load(bundle_copy)  # checksums cover the new graph
     assert reloaded.members[0].artifacts["ort-int8"].endswith(".onnx")
     with EnsembleClassifier(reloaded, precision="int8") as clf:
-        x, _, _ = from_image_folder(sample_dir / "cells" / "LY").load(None, progress=False)
+        x, _, _ = from_folder(sample_dir / "cells" / "LY").load(None, progress=False)
         probs = clf.predict(x)
     assert probs.shape == (30, len(b.classes)) and np.allclose(probs.sum(1), 1, atol=1e-4)
 

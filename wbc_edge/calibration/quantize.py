@@ -21,7 +21,8 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
 SCHEMES = {
     "u8s8": dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options={}),
     "s8s8": dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}),
+                 # TensorRT dequantises only 8-bit (and FP8/4-bit) tensors: biases stay float, not INT32
+                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
 }
 
 
