@@ -100,3 +100,17 @@ def test_resume_gives_the_same_result(tmp_path, sample_dir):
     a = st.load_file(str(straight.path("m0.safetensors")))
     b = st.load_file(str(resumed.path("m0.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_configs_load_and_a_typo_in_a_file_is_named(tmp_path):
+    from pathlib import Path
+
+    from wbc_edge.trainer.config import ConfigError
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        cfg = load_config(path, epochs=1)
+        assert cfg.epochs == 1 and cfg.data
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\nrecipie: decoupled\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'recipie'; did you mean 'recipe'"):
+        load_config(bad)
