@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .build.targets import TARGETS, targets_help
+from .data.degrade import KINDS
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -137,6 +138,24 @@ def stream(source, bundle, out, device, crops):
         pct = f"{c['percent_of_wbc']:5.1f}%" if c["percent_of_wbc"] is not None else "   --"
         click.echo(f"{code:9s} {c['count']:6d}  {pct}")
     click.echo(f"{diff['n_classified']} classified, {diff['n_failed']} failed (see {out}/cells.jsonl)")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--kind", required=True, type=click.Choice(list(KINDS)), help="degradation kind")
+@click.option("--severity", type=click.IntRange(1, 4), default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def degrade(src, dst, kind, severity, seed):
+    """Write degraded copies of the cells in SRC to DST, with a manifest (robustness benchmarks)."""
+    import csv
+
+    from .data.degrade import degrade_dataset
+
+    manifest = degrade_dataset(src, dst, kind, severity, seed)
+    rows = list(csv.DictReader(open(manifest)))
+    click.echo(f"wrote {len(rows)} rows to {manifest}; {sum(1 for r in rows if r['error'])} unreadable input(s) "
+               "listed with their reason")
 
 
 if __name__ == "__main__":
