@@ -43,6 +43,9 @@ class TrainConfig:
     threads: int | None = None
     tta_views: list[str] = field(default_factory=lambda: ["id", "flip"])
     colour_jitter: float = 0.15
+    stain_augment: float = 0.3  # probability per image of another lab's stain (stain_shift, severity 1-3)
+    degrade_p: float = 0.2  # probability per image of a scanner degradation (noise, blur, light, JPEG...)
+    degrade_max_severity: int = 3
     progress: bool = True
 
     def to_dict(self) -> dict:

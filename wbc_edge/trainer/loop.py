@@ -290,9 +290,32 @@ def plot_learning_curve(history: list[dict], path: Path) -> Path:
     return path
 
 
-def train(cfg: TrainConfig, hooks=()) -> Bundle:
+def augmentation_hooks(cfg: TrainConfig) -> list:
+    """uint8 batch hooks for the unseen site: another lab's stain, then scanner degradations."""
+    from ..data.degrade import KINDS, random_degradation
+
+    hooks = []
+    if cfg.stain_augment > 0:
+        hooks.append(lambda b, rng: random_degradation(b, rng, cfg.stain_augment, 3, kinds=["stain_shift"]))
+    if cfg.degrade_p > 0:
+        scanner = [k for k in KINDS if k != "stain_shift"]
+        hooks.append(lambda b, rng: random_degradation(b, rng, cfg.degrade_p, cfg.degrade_max_severity, scanner))
+    return hooks
+
+
+def stain_record(pool: Pool, n: int = 1024) -> dict:
+    """The Macenko reference of the training data, for the runtime's optional slide-level normalisation."""
+    from ..edge.stain import fit_reference
+
+    step = max(1, len(pool.x) // n)
+    return {"reference": fit_reference(pool.x[::step]).to_dict(), "normalise": False,
+            "note": "fitted on the training cells; the model was trained on un-normalised images"}
+
+
+def train(cfg: TrainConfig, hooks=None) -> Bundle:
     """Train every (member, fold) of the config and write one ensemble bundle."""
     torch = require("torch", "train")
+    hooks = augmentation_hooks(cfg) if hooks is None else hooks
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     archs = cfg.members or [cfg.member]
     size = cfg.input_size or MEMBERS[archs[0]]["input_size"]
@@ -326,7 +349,7 @@ def train(cfg: TrainConfig, hooks=()) -> Bundle:
                "unreadable": [e.__dict__ for e in pool.errors], "best_val_macro_f1_per_member": best,
                "best_val_macro_f1": float(np.nanmean([b for b in best if b is not None])) if any(best) else None}
     bundle = Bundle(out, list(pool.classes), pp, members,
-                    {"tta": {"views": list(cfg.tta_views)}, "training": summary,
+                    {"tta": {"views": list(cfg.tta_views)}, "training": summary, "stain": stain_record(pool),
                      "class_priors": dict(zip(pool.classes, map(float, priors)))})
     bundle.save()
     return bundle
