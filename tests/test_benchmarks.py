@@ -1,0 +1,46 @@
+"""Each benchmark runs end to end on a tiny input (no timing asserts: speed lives in the results)."""
+import json
+
+import pytest
+
+
+def _payload(out, name):
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["machine"]["cores"] and (out / f"{name}.md").read_text().startswith(f"# {name}")
+    return data
+
+
+def test_robustness_quick(tmp_path):
+    from benchmarks import robustness
+
+    robustness.main(["--quick", "--out", str(tmp_path)])
+    rows = _payload(tmp_path, "robustness")["rows"]
+    assert rows[0]["kind"] == "clean" and len(rows) == 5
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+
+
+def test_stain_quality_quick(tmp_path):
+    pytest.importorskip("torchstain")
+    from benchmarks import bench_stain_quality
+
+    bench_stain_quality.main(["--quick", "--out", str(tmp_path)])
+    data = _payload(tmp_path, "stain_quality")
+    assert data["macenko"]["ours_img_s"] > 0 and len(data["lab_shift"]) == 4
+
+
+def test_int8_quick(tmp_path, sample_dir):
+    from benchmarks import bench_int8
+
+    cells = str(sample_dir / "cells")
+    bench_int8.main(["--calib", cells, "--val", cells, "--quick", "--out", str(tmp_path)])
+    row = _payload(tmp_path, "int8")["result"]
+    assert row["fp32_img_s"] > 0 and row["int8_img_s"] > 0 and 0 <= row["top1_agreement"] <= 1
+
+
+def test_longtail_ablation_quick(tmp_path, shared_data):
+    pytest.importorskip("torch")
+    from benchmarks import longtail_ablation
+
+    longtail_ablation.main(["--quick", "--recipes", "ce,decoupled", "--out", str(tmp_path)])
+    results = _payload(tmp_path, "longtail_ablation")["results"]
+    assert [r["recipe"] for r in results] == ["ce", "decoupled"]
