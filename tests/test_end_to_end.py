@@ -64,7 +64,8 @@ def test_cli_runs_without_torch(tmp_path, sample_bundle, sample_dir):
              "sys.exit(main())\n")
     run = lambda *args: subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True)  # noqa: E731
     assert run("--help").returncode == 0
-    res = run("stream", str(sample_dir / "cells" / "EO"), "--bundle", str(sample_bundle), "--out", str(tmp_path))
+    res = run("stream", str(sample_dir / "cells" / "EO"), "--crops", "--bundle", str(sample_bundle), "--out",
+              str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 30
     res = run("train", "--data", str(sample_dir / "cells"), "--out", str(tmp_path / "b"))

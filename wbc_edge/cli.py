@@ -116,28 +116,35 @@ def evaluate(data, bundle, out, device, precision, views):
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="results/stream", show_default=True, type=click.Path(file_okay=False))
+@click.option("--mode", type=click.Choice(["auto", "frames", "crops", "video", "camera", "watch"]), default="auto",
+              show_default=True, help="auto: a video file, a camera index/URL, or a folder of frames")
+@click.option("--crops", "crops_flag", is_flag=True, help="same as --mode crops (inputs are single cells)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--crops", is_flag=True, default=True, help="SOURCE is a folder of single-cell crops")
-def stream(source, bundle, out, device, crops):
-    """Classify cells from SOURCE, write one JSONL row per input and a differential count."""
-    from .bundle import Bundle
-    from .data.datasets import from_folder
-    from .edge.classifier import EnsembleClassifier
-    from .edge.offline import classify_dataset, differential, write_jsonl
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
+@click.option("--views", help="comma-separated TTA views (default: the bundle's)")
+@click.option("--max-batch", type=int, default=64, show_default=True)
+@click.option("--max-delay-ms", type=float, default=20.0, show_default=True)
+@click.option("--annotate", is_flag=True, help="write annotated frames / video")
+@click.option("--report/--no-report", default=True, show_default=True, help="HTML report with gallery")
+@click.option("--loop", type=int, default=1, show_default=True, help="repeat a finite source N times")
+@click.option("--max-frames", type=int)
+@click.option("--workers", type=int, default=1, show_default=True, help="localiser threads")
+@click.option("--low-confidence", type=float, default=0.5, show_default=True)
+@click.option("--review-max", type=int, default=2000, show_default=True)
+@click.option("--retries", type=int, default=5, show_default=True, help="camera reconnect attempts")
+@click.option("--watch-idle", "watch_idle_s", type=float, default=10.0, show_default=True)
+def stream(source, bundle, out, mode, crops_flag, views, **opts):
+    """Classify the white cells in SOURCE: per-cell rows, a differential count, a review queue, a report."""
+    from .edge.pipeline import run_stream
+    from .edge.report import summary_text
 
-    b = Bundle.load(bundle)
-    with EnsembleClassifier(b, device) as clf:
-        rows = list(classify_dataset(clf, from_folder(source)))
-    write_jsonl(rows, Path(out) / "cells.jsonl")
-    diff = differential(rows)
-    (Path(out) / "differential.json").write_text(json.dumps(diff, indent=2))
-    for code, c in diff["classes"].items():
-        pct = f"{c['percent_of_wbc']:5.1f}%" if c["percent_of_wbc"] is not None else "   --"
-        click.echo(f"{code:9s} {c['count']:6d}  {pct}")
-    click.echo(f"{diff['n_classified']} classified, {diff['n_failed']} failed (see {out}/cells.jsonl)")
+    summary = run_stream(source, bundle, out, mode="crops" if crops_flag else mode,
+                         views=views.split(",") if views else None, **opts)
+    click.echo(summary_text(summary.to_dict()))
+    sys.exit(summary.exit_code)
 
 
 @main.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class Runner(ABC):
 
     def __init__(self):
         self.device = "?"
-        self.timings: list[float] = []  # seconds per infer() call
+        self.timings: deque[float] = deque(maxlen=4096)  # seconds per infer() call, the most recent
         self.active = False
 
     @abstractmethod

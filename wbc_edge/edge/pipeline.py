@@ -1,0 +1,552 @@
+"""The stream pipeline: frames in, classified cells and a running differential count out.
+
+    reader thread       source -> Frame (decode)                      -> q_frames   (bounded)
+    localise workers    Frame -> boxes -> crops                       -> q_located  (bounded)
+    inference thread    micro-batches crops across frames (max batch,
+                        max delay), one EnsembleClassifier call each   -> q_results  (bounded)
+    writer thread       cell rows -> every sink, in frame order
+    main thread         waits; turns Ctrl-C into a graceful stop
+
+Bounded queues give back-pressure: a slow classifier slows the reader instead of filling RAM. Every
+stage is timed; per-frame latency (read start -> all sinks written) goes into a fixed-size histogram.
+On the first Ctrl-C the source stops and every frame already read is still classified and written;
+a second Ctrl-C drops unclassified work, but what was classified is still written and flushed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..taxonomy import RARE_CODES
+from . import tta
+from .classifier import EnsembleClassifier
+from .preprocess import resize_batch
+from .sinks import (
+    AnnotatedFrames,
+    CsvCells,
+    DifferentialCount,
+    FrameResult,
+    FramesLog,
+    HtmlReport,
+    JsonlCells,
+    ReviewQueue,
+    Sink,
+    atomic_write_text,
+)
+from .sources import Frame, Source, open_source
+from .stats import LogHistogram, RssTrace, StageTimes, rss_mb
+
+log = logging.getLogger("wbc_edge.pipeline")
+
+_END = object()  # end-of-stream marker passed down the queues
+_EMPTY = object()  # a queue get that timed out
+EXIT_CODES = {"completed": 0, "failed": 1, "source_lost": 3, "interrupted": 130}  # 130: 128 + SIGINT
+
+
+@dataclass
+class StreamSummary:
+    """What a run did; JSON-able (`to_dict`), also written to summary.json."""
+
+    status: str  # completed | interrupted | source_lost | failed
+    exit_code: int
+    source: str
+    mode: str
+    bundle: str
+    frames: int = 0
+    cells: int = 0
+    errors: dict = field(default_factory=dict)  # {"count", "examples": first few {source, index, error}}
+    differential: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # per stage: total_s, calls, ms_per_call, ms_per_frame
+    fps: float = 0.0
+    cells_per_s: float = 0.0
+    latency_ms: dict = field(default_factory=dict)  # p50, p99, mean, max
+    rss_mb: dict = field(default_factory=dict)  # start, end, trace [(frames, MB)]
+    wall_s: float = 0.0
+    load_s: float = 0.0
+    batches: dict = field(default_factory=dict)
+    runner: str = ""
+    views: list = field(default_factory=list)
+    precision: str = "fp32"
+    review: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Located:
+    frame: Frame
+    boxes: list
+    crops: np.ndarray
+
+
+def _box_row(box) -> dict:
+    """The JSON fields of a localiser box (None in crops mode)."""
+    if box is None:
+        return {"box": None}
+    area = getattr(box, "nucleus_area", getattr(box, "area", None))
+    return {"box": [round(float(v), 1) for v in (box.x0, box.y0, box.x1, box.y1)],
+            "score": round(float(box.score), 4) if getattr(box, "score", None) is not None else None,
+            "nucleus_area": int(area) if area is not None else None}
+
+
+class CellLabeller:
+    """Probabilities -> per-cell rows with top-k and review flags.
+
+    Flags: `rare` (top-1 is a class a hematologist must see), `rare_possible` (a rare class has at
+    least `rare_min_prob` without being top-1: missing a blast costs more than a second look), and
+    `low_confidence` (top-1 probability under `low_confidence`).
+    """
+
+    def __init__(self, classes: list[str], top_k: int = 3, low_confidence: float = 0.5,
+                 rare_min_prob: float = 0.25):
+        self.classes, self.top_k = list(classes), top_k
+        self.low_confidence, self.rare_min_prob = low_confidence, rare_min_prob
+        self.rare_idx = np.array([i for i, c in enumerate(self.classes) if c in RARE_CODES], np.int64)
+
+    def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool) -> list[dict]:
+        base = {"source": frame.source, "frame": frame.index}
+        if frame.error and crops_mode:  # in crops mode the input *is* the cell: keep one row per input
+            return [{**base, "cell": 0, "box": None, "pred": None, "error": frame.error}]
+        return [self._row(base, i, box, p) for i, (box, p) in enumerate(zip(boxes, probs))]
+
+    def _row(self, base: dict, i: int, box, p: np.ndarray) -> dict:
+        order = np.argsort(-p)[: self.top_k]
+        pred, conf = self.classes[order[0]], float(p[order[0]])
+        flags = []
+        if pred in RARE_CODES:
+            flags.append("rare")
+        elif self.rare_idx.size and float(p[self.rare_idx].max()) >= self.rare_min_prob:
+            flags.append("rare_possible")
+        if conf < self.low_confidence:
+            flags.append("low_confidence")
+        return {**base, "cell": i, **_box_row(box), "pred": pred, "confidence": round(conf, 4),
+                "top_k": [[self.classes[j], round(float(p[j]), 4)] for j in order], "flags": flags}
+
+
+def _load_localiser():
+    """The localiser module, imported only when frames (not crops) are streamed."""
+    from . import localise
+
+    return localise
+
+
+class Pipeline:
+    """Threads and queues for one run; `run()` blocks until the source ends or Ctrl-C."""
+
+    def __init__(self, source: Source, clf: EnsembleClassifier, sinks: list[Sink], labeller: CellLabeller,
+                 crop_size: int, margin: float | None = None, localiser_config=None, max_batch: int = 64,
+                 max_delay_ms: float = 20.0, workers: int = 1, keep_images: bool = False,
+                 on_progress: Callable[[dict], None] | None = None, localiser=None):
+        self.source, self.clf, self.sinks, self.labeller = source, clf, sinks, labeller
+        self.crops_mode = source.kind == "crops"
+        self.crop_size, self.margin, self.keep_images = crop_size, margin, keep_images
+        self.loc = None if self.crops_mode else (localiser or _load_localiser())
+        if self.loc is not None and localiser_config is None:
+            localiser_config = self.loc.LocaliserConfig()  # the localiser's own defaults
+        self.loc_config = localiser_config
+        self.max_batch, self.workers = max(1, max_batch), max(1, workers)
+        self.max_delay_s = max_delay_ms / 1e3
+        self.on_progress = on_progress
+        self.q_frames = queue.Queue(maxsize=2 * self.workers + 2)
+        self.q_located = queue.Queue(maxsize=2 * self.workers + 4)
+        self.q_results = queue.Queue(maxsize=16)  # frames, not crops: keeps latency from queueing low
+        # Plain flags, not Events: they are set from a signal handler, where taking a lock could deadlock.
+        self.stopping = self.aborting = False
+        self.times, self.latency, self.rss = StageTimes(), LogHistogram(), RssTrace()
+        self.frames = self.cells = self.n_errors = self.n_batches = self.batched_crops = self.max_seen = 0
+        self.error_examples: list[dict] = []
+        self.fatal: BaseException | None = None
+        self.interrupted, self.n_interrupts = False, 0
+        self.wall_s = 0.0
+
+    # ---- queue helpers: never block forever, so a hard stop always gets through -----------------
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self.aborting:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue, timeout: float | None = None):
+        """The next item; _EMPTY after `timeout` seconds; None once aborting."""
+        end = None if timeout is None else time.perf_counter() + timeout
+        while not self.aborting:
+            wait = 0.1 if end is None else min(0.1, max(0.0, end - time.perf_counter()))
+            try:
+                return q.get(timeout=wait) if wait > 0 else q.get_nowait()
+            except queue.Empty:
+                if end is not None and time.perf_counter() >= end:
+                    return _EMPTY
+        return None
+
+    def _fail(self, exc: BaseException) -> None:
+        log.error("stream stage failed: %s", exc, exc_info=exc)
+        if self.fatal is None:
+            self.fatal = exc
+        self.source.stop()
+        self.aborting = True
+
+    # ---- stage 1: read ----------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        try:
+            for frame in self.source:
+                self.times.add("decode", frame.decode_s)
+                if not self._put(self.q_frames, frame) or self.stopping:
+                    break
+        except BaseException as exc:  # noqa: BLE001 - reported as the run's failure, never swallowed
+            self._fail(exc)
+        finally:
+            for _ in range(self.workers):
+                self._put(self.q_frames, _END)
+
+    # ---- stage 2: localise + crop -----------------------------------------------------------
+    def _locate_loop(self) -> None:
+        try:
+            while True:
+                item = self._get(self.q_frames)
+                if item is None or item is _END or not self._put(self.q_located, self._locate(item)):
+                    break
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            self._put(self.q_located, _END)
+
+    def _locate(self, frame: Frame) -> _Located:
+        empty = np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8)
+        if frame.image is None:
+            return _Located(frame, [], empty)
+        if self.crops_mode:  # the image is the cell: only resize it
+            t0 = time.perf_counter()
+            crops = resize_batch([frame.image], self.crop_size)
+            self.times.add("crop", time.perf_counter() - t0)
+            return self._done_with_image(_Located(frame, [None], crops))
+        try:
+            boxes, crops = self._boxes_and_crops(frame.image)
+        except Exception as exc:  # noqa: BLE001 - one odd frame must not end a microscope run
+            log.warning("frame %d (%s): localiser failed: %s", frame.index, frame.source, exc)
+            frame.error, frame.image = f"localiser failed: {exc}", None
+            return _Located(frame, [], empty)
+        return self._done_with_image(_Located(frame, boxes, crops if len(boxes) else empty))
+
+    def _boxes_and_crops(self, image: np.ndarray):
+        t0 = time.perf_counter()
+        boxes = self.loc.localise(image, self.loc_config)
+        t1 = time.perf_counter()
+        self.times.add("localise", t1 - t0)
+        if not boxes:
+            return [], None
+        kw = {} if self.margin is None else {"margin": self.margin}
+        crops = self.loc.extract_crops(image, boxes, self.crop_size, **kw)
+        self.times.add("crop", time.perf_counter() - t1)
+        return list(boxes), crops
+
+    def _done_with_image(self, loc: _Located) -> _Located:
+        if not self.keep_images:  # drop the full frame early: queues then hold only small crops
+            loc.frame.image = None
+        return loc
+
+    # ---- stage 3: micro-batched inference ---------------------------------------------------
+    def _infer_loop(self) -> None:
+        pending, n_crops, deadline, ended = [], 0, None, 0
+        reorder, expected = {}, 0  # workers may finish out of order; sinks see frames in order
+        try:
+            while ended < self.workers:
+                wait = 0.1 if deadline is None else max(0.0, deadline - time.perf_counter())
+                item = self._get(self.q_located, wait)
+                if item is None:
+                    return
+                if item is _END:
+                    ended += 1
+                elif item is not _EMPTY:
+                    reorder[item.frame.index] = item
+                while expected in reorder:
+                    loc = reorder.pop(expected)
+                    expected += 1
+                    if pending and n_crops + len(loc.crops) > self.max_batch:
+                        self._classify(pending)
+                        pending, n_crops = [], 0
+                    if not pending:
+                        deadline = time.perf_counter() + self.max_delay_s
+                    pending.append(loc)
+                    n_crops += len(loc.crops)
+                if pending and (n_crops >= self.max_batch or n_crops == 0 or time.perf_counter() >= deadline):
+                    self._classify(pending)
+                    pending, n_crops, deadline = [], 0, None
+            leftover = pending + [reorder[k] for k in sorted(reorder)]
+            if leftover:
+                self._classify(leftover)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            self._put(self.q_results, _END)
+
+    def _classify(self, pending: list[_Located]) -> None:
+        """One EnsembleClassifier call for the crops of all pending frames, then split per frame."""
+        sizes = [len(loc.crops) for loc in pending]
+        probs = np.zeros((0, len(self.labeller.classes)), np.float32)
+        if sum(sizes):
+            t0 = time.perf_counter()
+            probs = self.clf.predict(np.concatenate([loc.crops for loc in pending if len(loc.crops)]))
+            self.times.add("infer", time.perf_counter() - t0)
+            self.n_batches += 1
+            self.batched_crops += sum(sizes)
+            self.max_seen = max(self.max_seen, sum(sizes))
+        for loc, p in zip(pending, np.split(probs, np.cumsum(sizes)[:-1])):
+            if not self._put(self.q_results, (loc, p)):
+                return
+
+    # ---- stage 4: sinks ---------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        last_flush = time.monotonic()
+        try:
+            while True:
+                item = self._get(self.q_results, 0.5)
+                if item is None:  # aborting: still write what was already classified
+                    self._drain_results()
+                    return
+                if item is _END:
+                    return
+                if item is not _EMPTY:
+                    self._write(*item)
+                if time.monotonic() - last_flush >= 1.0:
+                    self._flush()
+                    last_flush = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            self._flush()
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                item = self.q_results.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _END:
+                self._write(*item)
+
+    def _write(self, loc: _Located, probs: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        res = FrameResult(loc.frame, loc.boxes, loc.crops,
+                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode))
+        for sink in self.sinks:
+            if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
+                res.latency_s = time.perf_counter() - loc.frame.t_start
+            sink.write(res)
+        self.times.add("sinks", time.perf_counter() - t0)
+        self._count(res)
+
+    def _count(self, res: FrameResult) -> None:
+        self.frames += 1
+        self.cells += sum(1 for r in res.cells if r.get("pred"))
+        if res.latency_s is not None:
+            self.latency.add(res.latency_s)
+        if res.frame.error:
+            self.n_errors += 1
+            if len(self.error_examples) < 20:
+                f = res.frame
+                self.error_examples.append({"source": f.source, "index": f.index, "pos": f.pos,
+                                            "error": f.error})
+        self.rss.maybe_add(self.frames)
+
+    def _flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+        if self.on_progress is not None:
+            self.on_progress({"frames": self.frames, "cells": self.cells, "errors": self.n_errors,
+                              "fps": round(self.frames / max(1e-9, time.perf_counter() - self._t0), 2)})
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self._t0 = time.perf_counter()
+        threads = [threading.Thread(target=self._read_loop, name="wbc-read", daemon=True)]
+        threads += [threading.Thread(target=self._locate_loop, name=f"wbc-locate-{i}", daemon=True)
+                    for i in range(self.workers)]
+        threads += [threading.Thread(target=self._infer_loop, name="wbc-infer", daemon=True)]
+        writer = threading.Thread(target=self._write_loop, name="wbc-write", daemon=True)
+        for t in threads + [writer]:
+            t.start()
+        with _sigint_calls(self.interrupt):
+            while writer.is_alive():
+                try:
+                    writer.join(0.2)
+                except KeyboardInterrupt:  # raised another way (e.g. _thread.interrupt_main)
+                    self.interrupt()
+        self.wall_s = time.perf_counter() - self._t0
+
+    def interrupt(self, *_signal) -> None:
+        """Ctrl-C: the first stops the source (frames already read are still classified and written);
+        the second drops unclassified work (what was classified is still written); the third gives up."""
+        self.n_interrupts += 1
+        if self.n_interrupts == 1:
+            log.warning("interrupted: finishing the frames already read (Ctrl-C again to stop now)")
+            self.interrupted = self.stopping = True
+            self.source.stop()
+        elif self.n_interrupts == 2:
+            log.warning("stopping now; writing what was already classified")
+            self.aborting = True
+        else:
+            raise KeyboardInterrupt
+
+
+# ---- run_stream: the library call behind `wbc-edge stream` ------------------------------------
+def _make_sinks(out: Path, classes: list[str], source: Source, annotate: bool, report: bool,
+                review_max: int) -> list[Sink]:
+    sinks: list[Sink] = [JsonlCells(out / "cells.jsonl"), CsvCells(out / "cells.csv"),
+                         DifferentialCount(out / "differential.json", classes),
+                         ReviewQueue(out / "review", review_max)]
+    if annotate and source.kind == "frames":
+        sinks.append(AnnotatedFrames(out, video=source.mode in ("video", "camera"), fps=source.fps))
+    if report:
+        sinks.append(HtmlReport(out / "report.html", classes))
+    sinks.append(FramesLog(out / "frames.jsonl"))  # last: see Pipeline._write
+    return sinks
+
+
+def _resolve_views(views, bundle: Bundle) -> list[str]:
+    if views is None:
+        return list(bundle.extra.get("tta", {}).get("views", ["id"]))
+    if isinstance(views, int):
+        return list(tta.PRESETS[views])
+    return [views] if isinstance(views, str) else list(views)
+
+
+def _crop_size(source: Source, bundle: Bundle) -> int:
+    """Crops mode: the model's input size, so results equal the offline classifier's. Frames: at least
+    128 px, so review PNGs are large enough to judge; the classifier resizes them down itself."""
+    size = bundle.preprocess.input_size
+    return size if source.kind == "crops" else max(size, 128)
+
+
+def _status(pipe: Pipeline | None, source: Source, interrupted: bool) -> tuple[str, str | None]:
+    if pipe is not None and pipe.fatal is not None:
+        return "failed", f"{type(pipe.fatal).__name__}: {pipe.fatal}"
+    if interrupted or (pipe is not None and pipe.interrupted):
+        return "interrupted", None
+    if source.lost:
+        return "source_lost", "the source disconnected and did not come back"
+    if pipe is not None and pipe.frames and pipe.n_errors == pipe.frames:  # (an empty folder is fine)
+        return "failed", f"no readable input: all {pipe.frames} frame(s) failed (see frames.jsonl)"
+    return "completed", None
+
+
+def _summarise(pipe: Pipeline | None, status: str, error: str | None, **info) -> StreamSummary:
+    diff = info.pop("diff")
+    s = StreamSummary(status=status, exit_code=EXIT_CODES[status], error=error, differential=diff.as_dict(),
+                      **info)
+    if pipe is None:
+        return s
+    wall = max(pipe.wall_s, 1e-9)
+    lat = pipe.latency
+    s.frames, s.cells, s.wall_s = pipe.frames, pipe.cells, round(pipe.wall_s, 3)
+    s.errors = {"count": pipe.n_errors, "examples": pipe.error_examples}
+    s.timing = pipe.times.as_dict(pipe.frames)
+    s.fps, s.cells_per_s = round(pipe.frames / wall, 3), round(pipe.cells / wall, 3)
+    s.latency_ms = {k: (round(1e3 * v, 2) if v is not None else None) for k, v in
+                    {"p50": lat.quantile(0.5), "p99": lat.quantile(0.99), "max": lat.max if lat.n else None,
+                     "mean": lat.total / lat.n if lat.n else None}.items()}
+    s.batches = {"count": pipe.n_batches, "mean_crops": round(pipe.batched_crops / max(1, pipe.n_batches), 2),
+                 "max_crops": pipe.max_seen}
+    s.rss_mb["trace"] = pipe.rss.points
+    return s
+
+
+def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "cpu", precision: str = "fp32",
+               views=None, max_batch: int = 64, max_delay_ms: float = 20.0, annotate: bool = False,
+               report: bool = True, loop: int = 1, max_frames: int | None = None, *, workers: int = 1,
+               top_k: int = 3, low_confidence: float = 0.5, rare_min_prob: float = 0.25,
+               review_max: int = 2000, crop_size: int | None = None, margin: float | None = None,
+               localiser_config=None, retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
+               threads: int | None = None,
+               on_progress: Callable[[dict], None] | None = None) -> StreamSummary:
+    """Stream `source` through the localiser and the bundle's ensemble into `out_dir`.
+
+    `source` is a video file, a camera index, an RTSP/GStreamer URL, an image folder or glob, a
+    directory to watch (mode='watch') or single-cell crops (mode='crops'). Writes cells.jsonl,
+    cells.csv, frames.jsonl, differential.json, review/, report.html (and annotated frames) and
+    summary.json; returns the summary. `exit_code` is non-zero when the source was lost (3), the
+    run failed (1) or was interrupted (130).
+    """
+    rss_start, t_load = rss_mb(), time.perf_counter()
+    bundle = Bundle.load(bundle_dir)
+    src = open_source(source, mode, loop=loop, max_frames=max_frames, retries=retries, backoff_s=backoff_s,
+                      watch_idle_s=watch_idle_s)
+    views = _resolve_views(views, bundle)
+    clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
+                             threads=threads)
+    with clf:  # setup errors (no runner, no localiser) raise before any output is created
+        labeller = CellLabeller(bundle.classes, top_k, low_confidence, rare_min_prob)
+        localiser = None if src.kind == "crops" else _load_localiser()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
+        pipe = Pipeline(src, clf, sinks, labeller, crop_size or _crop_size(src, bundle), margin,
+                        localiser_config, max_batch, max_delay_ms, workers, keep_images=annotate,
+                        on_progress=on_progress, localiser=localiser)
+        info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
+                "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
+                "load_s": round(time.perf_counter() - t_load, 3)}
+        interrupted = False
+        try:
+            pipe.run()
+        except KeyboardInterrupt:  # a third Ctrl-C, or one that came just before/after the run
+            interrupted = True
+        finally:
+            summary = _finish(pipe, src, interrupted, sinks, out, rss_start, **info)
+    return summary
+
+
+@contextlib.contextmanager
+def _sigint_calls(handler):
+    """Route SIGINT to `handler` while the block runs. A handler cannot be raised into the middle of
+    the main thread's bookkeeping the way KeyboardInterrupt can. Only the main thread may do this."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_deferred():
+    """While sinks close, a further Ctrl-C is noted in the log, not raised: half-closed files lose results."""
+    return _sigint_calls(lambda *a: log.warning("Ctrl-C while closing outputs: finishing them first"))
+
+
+def _finish(pipe, src, interrupted, sinks, out: Path, rss_start: float, **info) -> StreamSummary:
+    """Summary, then close every sink (each gets the summary; one failing does not stop the others)."""
+    status, error = _status(pipe, src, interrupted)
+    diff = next(s for s in sinks if isinstance(s, DifferentialCount))
+    review = next(s for s in sinks if isinstance(s, ReviewQueue))
+    summary = _summarise(pipe, status, error, diff=diff, **info)
+    summary.review = {"saved": review.saved, "dropped": review.dropped}
+    names = ("cells.jsonl", "cells.csv", "frames.jsonl", "differential.json", "review", "summary.json")
+    summary.outputs = {n: str(out / n) for n in names}
+    summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
+    with _sigint_deferred():
+        for sink in sinks:
+            try:
+                sink.close(summary.to_dict())
+            except Exception:
+                log.exception("closing %s failed", type(sink).__name__)
+    summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
+    atomic_write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    return summary
