@@ -42,6 +42,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--views", help="comma-separated TTA views (default: the bundle's)")
     p.add_argument("--workers", type=int, default=1, help="localiser threads")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--results", type=Path, default=None, help="results folder (default: benchmarks/results)")
     return p.parse_args(argv)
 
 
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     keep = ("status", "frames", "cells", "errors", "fps", "cells_per_s", "latency_ms", "timing", "rss_mb",
             "wall_s", "load_s", "batches", "runner", "views", "precision", "differential")
     payload = {"config": config, **{k: s[k] for k in keep}}
-    path = write_results("stream_quick" if a.quick else "stream", payload, _tables(s))
+    path = write_results("stream_quick" if a.quick else "stream", payload, _tables(s), a.results)
     print(_tables(s))
     print(f"\nwritten: {path}")
     return 0 if s["status"] == "completed" else 1

@@ -44,3 +44,29 @@ def test_longtail_ablation_quick(tmp_path, shared_data):
     longtail_ablation.main(["--quick", "--recipes", "ce,decoupled", "--out", str(tmp_path)])
     results = _payload(tmp_path, "longtail_ablation")["results"]
     assert [r["recipe"] for r in results] == ["ce", "decoupled"]
+
+
+def test_throughput_quick(tmp_path):
+    pytest.importorskip("torchstain")
+    pytest.importorskip("torch")
+    from benchmarks import throughput
+
+    throughput.main(["--quick", "--out", str(tmp_path)])
+    row = _payload(tmp_path, "throughput")["rows"][0]
+    assert row["ours_cells_s"] > 0 and row["raw_cells_s"] > 0 and row["baseline_cells_s"] > 0
+
+
+def test_localise_quick(tmp_path):
+    from benchmarks import bench_localise
+
+    res = bench_localise.main(["--quick", "--out", str(tmp_path)])
+    assert res["rows"][2]["frames"] == 8 and (tmp_path / "localise_examples.png").stat().st_size > 0
+
+
+def test_stream_quick(tmp_path, sample_dir):
+    from benchmarks import bench_stream
+
+    rc = bench_stream.main(["--quick", "--source", str(sample_dir / "frames" / "JPEGImages"),
+                            "--results", str(tmp_path)])
+    data = _payload(tmp_path, "stream_quick")
+    assert rc == 0 and data["frames"] == 60 and data["cells"] > 0

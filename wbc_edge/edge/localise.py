@@ -81,7 +81,7 @@ def localise(frame: np.ndarray, cfg: LocaliserConfig | None = None) -> list[Box]
     return boxes
 
 
-def extract_crops(frame: np.ndarray, boxes: list[Box], size: int, margin: float = 0.4,
+def extract_crops(frame: np.ndarray, boxes: list[Box], size: int, margin: float = 0.6,
                   interpolation: str = "area") -> np.ndarray:
     """Square crops centred on each box, side = box side x (1 + 2 margin) so the cell fills about as
     much of the crop as in PBC's training images; the frame is padded with its median colour."""
