@@ -342,8 +342,10 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                 (out / "val_split.txt").write_text("\n".join(pool.paths[i] for i in va) + "\n")
     plot_learning_curve(history, out / "learning_curve.png")
     priors = np.bincount(pool.y, minlength=len(pool.classes)) / len(pool.y)
-    best = [max((h.get("val_macro_f1", float("nan")) for h in history if h["member"] == m.name), default=None)
-            for m in members]
+    # the kept model is the last stage's best epoch (or tau-norm's row): report that, not an earlier stage
+    final = [[h for h in history if h["member"] == m.name and h["stage"] == history_last_stage(history, m.name)]
+             for m in members]
+    best = [max((h.get("val_macro_f1", float("nan")) for h in rows), default=None) for rows in final]
     summary = {"config": cfg.to_dict(), "history": history, "seconds": time.perf_counter() - t0,
                "n_train": int(len(pool.y)), "n_val": int(len(val_pool.y)) if val_pool else None,
                "unreadable": [e.__dict__ for e in pool.errors], "best_val_macro_f1_per_member": best,
@@ -353,6 +355,10 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                      "class_priors": dict(zip(pool.classes, map(float, priors)))})
     bundle.save()
     return bundle
+
+
+def history_last_stage(history: list[dict], member: str) -> str:
+    return [h["stage"] for h in history if h["member"] == member][-1]
 
 
 def export_member_files(out: Path, model, name: str, arch: str, classes, pp: Preprocess, fold=None) -> Member:
