@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="robustness", help="result file stem")
     a = ap.parse_args(argv)
     bundle = Bundle.load(a.bundle)
     ds = open_dataset(a.data).filter_classes(bundle.classes)
@@ -79,8 +80,8 @@ def main(argv=None) -> dict:
         r["delta_macro_f1"] = r["macro_f1"] - clean
     table = (f"Bundle {a.bundle} ({bundle.members[0].arch}, {a.precision}, views {views}); data {a.data}: "
              f"{len(labels)} cells, {len(errors)} unreadable.\n\n" + markdown_table(rows))
-    write_results("robustness", {"bundle": str(a.bundle), "data": a.data, "views": views, "rows": rows}, table, a.out)
-    plot(rows, clean, a.out / "robustness.png")
+    write_results(a.name, {"bundle": str(a.bundle), "data": a.data, "views": views, "rows": rows}, table, a.out)
+    plot(rows, clean, a.out / f"{a.name}.png")
     return {"rows": rows}
 
 
