@@ -12,17 +12,19 @@ from .data.datasets import open_dataset
 from .data.wbcbench import write_submission
 from .edge.classifier import EnsembleClassifier
 from .edge.offline import classify_dataset, write_jsonl
+from .edge.refine.refiner import Refiner
 
 
 def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "fp32", views=None,
-             batch_size: int = 64, progress: bool = True) -> dict:
+             batch_size: int = 64, progress: bool = True, refine: bool = True) -> dict:
     """Score the bundle on `data`; inputs whose label the model does not know are listed, not scored."""
     bundle = Bundle.load(bundle_dir)
     ds = open_dataset(data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with EnsembleClassifier(bundle, device, views, precision) as clf:
-        rows = list(classify_dataset(clf, ds, batch_size, progress=progress))
+        refiner = Refiner(bundle.extra.get("refine") if refine else None, bundle.classes)
+        rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner))
         runner = clf.runners[0].name
     for r in rows:
         if r.get("pred") and r["label"] not in bundle.classes:
@@ -39,6 +41,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     probs = np.stack([r["probs"] for r in scored])
     y_idx = np.asarray([idx[c] for c in y_true])
     report.update({"bundle": str(bundle_dir), "data": str(data), "runner": runner, "precision": precision,
+                   "refined": refiner.active, "n_refined": sum(1 for r in scored if r.get("refine")),
                    "views": clf.views, "n_inputs": len(rows), "n_scored": len(scored),
                    "n_unreadable": sum(1 for r in rows if r.get("error")),
                    "n_unknown_label": sum(1 for r in rows if r.get("note")),

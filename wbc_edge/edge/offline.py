@@ -31,8 +31,8 @@ def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str):
 
 
 def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int = 64, top_k: int = 3,
-                     progress: bool = True):
-    """Yield one row per sample, in dataset order."""
+                     progress: bool = True, refiner=None):
+    """Yield one row per sample, in dataset order (refined, with the changes recorded, if a refiner is given)."""
     classes = clf.bundle.classes
     pp = clf.bundle.preprocess
     bar = tqdm(total=len(ds), desc="classifying", unit="cell", disable=not progress)
@@ -41,11 +41,14 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
         batch, ok, rows = _read_chunk(ds, idx, pp.input_size, pp.interpolation)
         if batch is not None:
             probs = clf.predict(batch)
-            for i, p in zip(ok, probs):
+            final, changes = refiner(probs) if refiner is not None and refiner.active else (probs.argmax(1), None)
+            for n, (i, p) in enumerate(zip(ok, probs)):
                 top = np.argsort(-p)[:top_k]
-                rows[i] = {"path": ds.samples[i].path, "label": ds.samples[i].label, "pred": classes[top[0]],
-                           "confidence": float(p[top[0]]),
+                rows[i] = {"path": ds.samples[i].path, "label": ds.samples[i].label, "pred": classes[final[n]],
+                           "confidence": float(p[final[n]]),
                            "top_k": [[classes[j], round(float(p[j]), 6)] for j in top], "probs": p}
+                if changes and changes[n]:
+                    rows[i].update(pred_raw=changes[n][0]["from"], refine=changes[n])
         for i in idx:
             yield rows[i]
         bar.update(len(idx))

@@ -112,20 +112,27 @@ class CellLabeller:
     """
 
     def __init__(self, classes: list[str], top_k: int = 3, low_confidence: float = 0.5,
-                 rare_min_prob: float = 0.25):
+                 rare_min_prob: float = 0.25, refiner=None):
         self.classes, self.top_k = list(classes), top_k
         self.low_confidence, self.rare_min_prob = low_confidence, rare_min_prob
         self.rare_idx = np.array([i for i, c in enumerate(self.classes) if c in RARE_CODES], np.int64)
+        self.refiner = refiner if refiner is not None and refiner.active else None
 
     def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool) -> list[dict]:
         base = {"source": frame.source, "frame": frame.index}
         if frame.error and crops_mode:  # in crops mode the input *is* the cell: keep one row per input
             return [{**base, "cell": 0, "box": None, "pred": None, "error": frame.error}]
-        return [self._row(base, i, box, p) for i, (box, p) in enumerate(zip(boxes, probs))]
+        probs = np.asarray(probs)
+        final, changes = self.refiner(probs) if self.refiner is not None and len(probs) else (probs.argmax(-1), None)
+        rows = [self._row(base, i, box, p, int(k)) for i, (box, p, k) in enumerate(zip(boxes, probs, final))]
+        for row, ch in zip(rows, changes or []):
+            if ch:  # the refinement moved this cell: keep the ensemble's class and how it changed
+                row.update(pred_raw=ch[0]["from"], refine=ch)
+        return rows
 
-    def _row(self, base: dict, i: int, box, p: np.ndarray) -> dict:
+    def _row(self, base: dict, i: int, box, p: np.ndarray, k: int) -> dict:
         order = np.argsort(-p)[: self.top_k]
-        pred, conf = self.classes[order[0]], float(p[order[0]])
+        pred, conf = self.classes[k], float(p[k])
         flags = []
         if pred in RARE_CODES:
             flags.append("rare")
@@ -473,7 +480,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                top_k: int = 3, low_confidence: float = 0.5, rare_min_prob: float = 0.25,
                review_max: int = 2000, crop_size: int | None = None, margin: float | None = None,
                localiser_config=None, retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
-               threads: int | None = None,
+               threads: int | None = None, refine: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> StreamSummary:
     """Stream `source` through the localiser and the bundle's ensemble into `out_dir`.
 
@@ -491,7 +498,10 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
                              threads=threads)
     with clf:  # setup errors (no runner, no localiser) raise before any output is created
-        labeller = CellLabeller(bundle.classes, top_k, low_confidence, rare_min_prob)
+        from .refine.refiner import Refiner
+
+        labeller = CellLabeller(bundle.classes, top_k, low_confidence, rare_min_prob,
+                                Refiner(bundle.extra.get("refine") if refine else None, bundle.classes))
         localiser = None if src.kind == "crops" else _load_localiser()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
