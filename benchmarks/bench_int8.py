@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="int8", help="result file stem")
     a = ap.parse_args(argv)
     if a.quick:
         a.n_calib, a.repeats = 32, 2
@@ -58,7 +59,7 @@ def main(argv=None) -> dict:
     table = markdown_table([row]) + f"\n\nLargest per-class recall drop: {worst[0]} {100 * worst[1]:.2f} points. " \
         f"Member {m.arch}, input {s}px, calibration {a.calib} ({check['n_calib']} cells), validation {a.val}."
     payload = {"config": {k: str(v) for k, v in vars(a).items()}, "result": row, "check": check}
-    write_results("int8", payload, table, a.out)
+    write_results(a.name, payload, table, a.out)
     print(table)
     return payload
 
