@@ -1,64 +1,144 @@
-"""Localiser on real BCCD frames; IoU matching by hand; crops at borders; degenerate frames; VOC errors."""
+"""WBC localiser on real BCCD frames; IoU matching by hand; crops at borders; blank frames; VOC errors."""
+import json
+
+import cv2
 import numpy as np
 import pytest
 
 from wbc_edge.data.images import read_image
-from wbc_edge.data.voc import read_voc
-from wbc_edge.edge.localise import Box, LocaliserConfig, extract_crops, iou, localise, match
+from wbc_edge.data.voc import VocAnnotationError, read_voc
+from wbc_edge.edge.localise import (Box, LocaliserConfig, extract_crops, iou, localise, match,
+                                    passthrough_crops)
 
 
-def _frames(root):
-    for xml in sorted((root / "Annotations").glob("*.xml")):
-        yield read_image(root / "JPEGImages" / f"{xml.stem}.jpg"), read_voc(xml).get("WBC", [])
+def _frames(root, every: int = 1, start: int = 0):
+    xmls = sorted((root / "Annotations").glob("*.xml"))[start::every]
+    for xml in xmls:
+        yield read_image(root / "JPEGImages" / f"{xml.stem}.jpg"), read_voc(xml).of("WBC")
+
+
+def _counts(frames, cfg=None):
+    tp = fp = fn = 0
+    for img, truth in frames:
+        a, b, c, _ = match(localise(img, cfg), truth)
+        tp, fp, fn = tp + a, fp + b, fn + c
+    return tp, fp, fn
 
 
 def test_finds_the_white_cells_in_the_sample_frames(sample_dir):
-    tp = fn = fp = 0
-    for img, truth in _frames(sample_dir / "frames"):
-        a, b, c, _ = match([bx.as_list() for bx in localise(img)], truth)
-        tp, fp, fn = tp + a, fp + b, fn + c
-    # 8 frames: on all 364 BCCD frames held-out recall is ~0.98 (benchmarks/results/localise.md);
-    # allow one miss and one false box here
-    assert fn <= 1 and fp <= 1 and tp >= 7
+    # 8 frames, 8 WBCs. On the 182 held-out BCCD frames recall is 0.978 and precision 0.963
+    # (benchmarks/results/localise.md): P(2+ misses in 8) is about 1%, so one miss and one false
+    # box are allowed and anything worse is a regression, not bad luck.
+    tp, fp, fn = _counts(_frames(sample_dir / "frames"))
+    assert tp + fn == 8 and tp >= 7 and fp <= 1
 
 
-def test_recall_on_all_bccd_frames(shared_data):
-    tp = fn = 0
-    for img, truth in _frames(shared_data / "bccd-frames" / "BCCD"):
-        a, _, c, _ = match([bx.as_list() for bx in localise(img)], truth)
-        tp, fn = tp + a, fn + c
-    assert tp / (tp + fn) >= 0.95
+def test_held_out_bccd_frames_meet_the_issue_goal(shared_data):
+    root = shared_data / "bccd-frames" / "BCCD"
+    if not root.is_dir():
+        pytest.skip("BCCD frames are not in ../shared/data")
+    tp, fp, fn = _counts(_frames(root, every=2, start=1))  # the odd frames: never seen by the fit
+    assert tp / (tp + fn) >= 0.95 and tp / (tp + fp) >= 0.90
 
 
 def test_iou_and_matching_by_hand():
     assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert iou([0, 0, 10, 10], [2, 2, 6, 6]) == pytest.approx(16 / 100)
     assert iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0
+    # pred 0 overlaps truth 0 by 9x10 = 90 of 110; pred 1 overlaps nothing; truth 1 is missed
     tp, fp, fn, ious = match([[0, 0, 10, 10], [100, 100, 110, 110]], [[1, 0, 11, 10], [50, 50, 60, 60]])
-    assert (tp, fp, fn) == (1, 1, 1) and ious[0] == pytest.approx(90 / 110)
+    assert (tp, fp, fn) == (1, 1, 1) and ious == [pytest.approx(90 / 110)]
+    # one-to-one: two predictions on one truth give one match and one false box
+    assert match([[0, 0, 10, 10], [0, 0, 10, 9]], [[0, 0, 10, 10]])[:3] == (1, 1, 0)
 
 
-def test_blank_frames_give_no_boxes():
-    for value in (0, 255, 180):
+def test_blank_and_flat_frames_give_no_boxes():
+    for value in (0, 255, 128):
         assert localise(np.full((480, 640, 3), value, np.uint8)) == []
+    blue = np.zeros((480, 640, 3), np.uint8)
+    blue[..., 2] = 200  # the whole frame "stained": one blotch larger than max_area, not a cell
+    assert localise(blue) == []
 
 
 def test_crops_at_the_border_are_padded_not_shifted():
     frame = np.full((100, 100, 3), 200, np.uint8)
     frame[0:20, 0:20] = (60, 30, 150)  # a 'cell' in the corner
-    crops = extract_crops(frame, [Box(0, 0, 20, 20, 1.0, 400)], size=32, margin=0.5)
-    assert crops.shape == (1, 32, 32, 3)
-    centre = crops[0, 12:20, 12:20].reshape(-1, 3).mean(0)
-    assert centre[2] > 120 and centre[1] < 80  # the cell stays centred in its crop
-    assert (crops[0, 0, 0] == 200).all()  # padding uses the frame's median colour
+    crops = extract_crops(frame, [Box(0, 0, 20, 20, 1.0, 400)], size=40, margin=0.5, fill=(10, 20, 30))
+    assert crops.shape == (1, 40, 40, 3) and crops.dtype == np.uint8
+    # side 40 px around the box centre (10, 10): frame x, y in [-10, 30) -> 1:1 scale
+    assert (crops[0, :10, :10] == (10, 20, 30)).all()  # outside the frame: the constant fill
+    assert (crops[0, 15:25, 15:25] == (60, 30, 150)).all()  # the cell stays centred
+    assert (crops[0, 35:, 35:] == 200).all()  # frame background beyond the cell
+
+
+def test_crops_inside_the_frame_are_the_resized_window():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (120, 160, 3), np.uint8)
+    crops = extract_crops(frame, [Box(50, 40, 90, 80, 0.5, 100), Box(0, 0, 10, 10, 0.5, 10)], size=20, margin=0.25)
+    assert crops.shape == (2, 20, 20, 3)
+    # side 40 x (1 + 2 x 0.25) = 60 around the centre (70, 60): x in [40, 100), y in [30, 90)
+    expected = cv2.resize(frame[30:90, 40:100], (20, 20), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(crops[0], expected)
+    assert extract_crops(frame, [], size=20).shape == (0, 20, 20, 3)
+
+
+def test_default_crop_is_a_fixed_field_of_view_whatever_the_box():
+    # PBC's field at BCCD sampling (PBC_FIELD_PX = 468): cell size must survive the crop, since
+    # it tells a lymphocyte from a monocyte; a box-relative crop would erase it.
+    frame = np.random.default_rng(2).integers(0, 256, (600, 600, 3), np.uint8)
+    small, large = Box(290, 290, 310, 310, 0.5, 100), Box(200, 200, 400, 400, 0.5, 100)
+    crops = extract_crops(frame, [small, large], size=52)
+    expected = cv2.resize(frame[66:534, 66:534], (52, 52), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(crops[0], expected) and np.array_equal(crops[1], expected)
+    with pytest.raises(ValueError):
+        extract_crops(frame, [small], size=52, margin=0.5, side=100)
+
+
+def test_single_cell_inputs_pass_through_with_only_a_resize():
+    cell = np.random.default_rng(1).integers(0, 256, (363, 360, 3), np.uint8)
+    out = passthrough_crops([cell, cell[:64, :64]], 64)
+    assert out.shape == (2, 64, 64, 3)
+    assert np.array_equal(out[1], cell[:64, :64])  # already the right size: untouched
+
+
+def test_frame_scale_rescales_the_pixel_lengths(sample_dir):
+    img, truth = next(_frames(sample_dir / "frames"))
+    big = cv2.resize(img, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR)
+    boxes = localise(big, LocaliserConfig(frame_scale=2.0))
+    assert match(boxes, [[2 * v for v in t] for t in truth])[:3] == (len(truth), 0, 0)
+
+
+def test_config_is_json_and_rejects_typos():
+    cfg = LocaliserConfig(min_area=1500)
+    assert LocaliserConfig.from_json(json.dumps(cfg.to_dict())) == cfg
+    with pytest.raises(ValueError, match="min_aera"):
+        LocaliserConfig.from_dict({"min_aera": 10})
+    with pytest.raises(TypeError):
+        localise(np.zeros((64, 64, 3), np.uint8), "not a config")
+
+
+def test_voc_reader_reads_boxes_by_class(sample_dir):
+    ann = read_voc(sample_dir / "frames" / "Annotations" / "BloodImage_00057.xml")
+    assert ann.of("WBC") == [(165, 71, 317, 215)] and len(ann.of("Platelets")) == 2
+    assert len(ann.of("RBC")) == 8 and ann.of("Basophil") == [] and (ann.width, ann.height) == (640, 480)
 
 
 def test_voc_errors_name_the_file(tmp_path):
-    bad = tmp_path / "broken.xml"
-    bad.write_text("<annotation><object><name>WBC</name>")
-    with pytest.raises(ValueError, match="broken.xml"):
-        read_voc(bad)
-    nobox = tmp_path / "nobox.xml"
-    nobox.write_text("<annotation><object><name>WBC</name></object></annotation>")
-    with pytest.raises(ValueError, match="nobox.xml"):
-        read_voc(nobox)
-    assert LocaliserConfig().to_dict()["box_margin"] > 0
+    cases = {"broken.xml": "<annotation><object><name>WBC</name>",  # truncated
+             "nobox.xml": "<annotation><object><name>WBC</name></object></annotation>",
+             "nan.xml": "<annotation><object><name>WBC</name><bndbox><xmin>a</xmin><ymin>1</ymin>"
+                        "<xmax>2</xmax><ymax>3</ymax></bndbox></object></annotation>"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(VocAnnotationError, match=name):
+            read_voc(tmp_path / name)
+    with pytest.raises(VocAnnotationError, match="missing.xml"):
+        read_voc(tmp_path / "missing.xml")
+
+
+def test_voc_zero_area_boxes_are_reported_not_fatal(tmp_path):
+    p = tmp_path / "z.xml"
+    p.write_text("<annotation><object><name>RBC</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>5</xmax>"
+                 "<ymax>5</ymax></bndbox></object></annotation>")  # as in BCCD frames 00338 and 00343
+    ann = read_voc(p)
+    assert ann.of("RBC") == [] and ann.dropped == [("RBC", (5, 5, 5, 5))]
