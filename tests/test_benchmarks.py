@@ -70,3 +70,15 @@ def test_stream_quick(tmp_path, sample_dir):
                             "--results", str(tmp_path)])
     data = _payload(tmp_path, "stream_quick")
     assert rc == 0 and data["frames"] == 60 and data["cells"] > 0
+
+
+def test_bench_front_door(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "wbc_edge.cli", "bench", "robustness", "--quick", "--out",
+                          str(tmp_path)], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "robustness.json").is_file()

@@ -101,3 +101,25 @@ def test_trt_int8_calibrates_a_lint_clean_s8s8_graph_even_without_a_gpu(bundle_c
     check_trt_compatible(qdq)  # symmetric int8 Q/DQ: what TensorRT's parser accepts
     ort_int8 = build(bundle_copy, "ort-int8", calib=sample_dir / "cells", n_calib=64, max_f1_drop=1.0)
     assert lint_graph(ort_int8.path(ort_int8.members[0].artifacts["ort-int8"]))  # U8S8 is flagged for TRT
+
+
+def test_fused_ensemble_equals_the_weighted_mean_of_its_members(tmp_path, sample_bundle, sample_dir):
+    """A two-member bundle (the shipped member twice, different weights) fused into one graph."""
+    from wbc_edge.build.builder import check
+
+    work = tmp_path / "b2"
+    shutil.copytree(sample_bundle, work)
+    b = Bundle.load(work)
+    shutil.copy(work / "m0.onnx", work / "m1.onnx")
+    twin = type(b.members[0])(**{**b.members[0].__dict__, "name": "m1", "onnx": "m1.onnx", "weight": 3.0})
+    b.members.append(twin)
+    b.save()
+    b = build(work, "onnx", fuse=True, check=sample_dir / "cells")
+    results = {r["check"]: r for r in b.extra["parity"]}
+    assert results["fused-vs-members"]["ok"] and results["fused-vs-members"]["max_abs"] < 1e-5
+    assert all(r["ok"] for r in b.extra["parity"])
+    reloaded = Bundle.load(work)  # the fused graph is checksummed like the members
+    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 30)).load(None, progress=False)
+    with EnsembleClassifier(reloaded) as fused, EnsembleClassifier(reloaded, fused=False) as apart:
+        assert len(fused.runners) == 1 and len(apart.runners) == 2
+        assert np.abs(fused.predict(x) - apart.predict(x)).max() < 1e-5

@@ -72,7 +72,8 @@ class Bundle:
 
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_manifest(self) -> dict:
-        files = sorted({f for m in self.members for f in (m.weights, m.onnx, *m.artifacts.values()) if f})
+        files = {f for m in self.members for f in (m.weights, m.onnx, *m.artifacts.values()) if f}
+        files = sorted(files | ({self.extra["fused"]["onnx"]} if "fused" in self.extra else set()))
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wbc_edge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -81,13 +81,19 @@ def train(config_path, sets, classes, **opts):
               show_default=True)
 @click.option("--max-f1-drop", type=float, default=0.01, show_default=True,
               help="refuse an INT8 build losing more macro-F1 than this (0.01 = 1 point)")
-def build(bundle, target, calib, val, calib_method, max_f1_drop):
+@click.option("--fuse", is_flag=True, help="onnx: also one graph for the whole ensemble (weighted mean)")
+@click.option("--check", "check_data", type=click.Path(exists=True),
+              help="parity on these real cells: PyTorch vs ORT FP32 (if torch is installed), fused vs members")
+def build(bundle, target, calib, val, calib_method, max_f1_drop, fuse, check_data):
     """Build deployable artifacts for BUNDLE (no torch needed)."""
     from .build.builder import build as run_build
 
     opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop} \
-        if target in ("ort-int8", "trt-int8") else {}
-    b = run_build(bundle, target, **opts)
+        if target in ("ort-int8", "trt-int8") else {"fuse": fuse} if target == "onnx" else {}
+    b = run_build(bundle, target, check=check_data, **opts)
+    for r in b.extra.get("parity", []) if check_data else []:
+        click.echo(f"parity {r.get('member', 'ensemble')} {r['check']}: max abs {r['max_abs']:.2e} "
+                   f"{'ok' if r['ok'] else 'FAILED'}")
     click.echo(f"built {target} for {len(b.members)} member(s) in {b.root}")
     check = b.extra.get("calibration", {}).get(target) or b.extra.get("calibration", {}).get(f"{target}-onnx")
     if check:
@@ -180,6 +186,26 @@ def degrade(src, dst, kind, severity, seed):
     rows = list(csv.DictReader(open(manifest)))
     click.echo(f"wrote {len(rows)} rows to {manifest}; {sum(1 for r in rows if r['error'])} unreadable input(s) "
                "listed with their reason")
+
+
+BENCHMARKS = ("throughput", "robustness", "bench_stream", "bench_int8", "bench_localise", "bench_stain_quality",
+              "bench_features", "longtail_ablation")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(BENCHMARKS))
+@click.pass_context
+def bench(ctx, name):
+    """Run benchmarks/NAME.py from a source checkout (extra arguments go to it; try `-- --help`)."""
+    import importlib
+
+    root = Path.cwd()
+    if not (root / "benchmarks" / f"{name}.py").is_file():
+        raise click.ClickException("run `wbc-edge bench` from the root of a wbc-edge checkout (benchmarks/ is "
+                                   "not installed with the package)")
+    sys.path.insert(0, str(root))
+    result = importlib.import_module(f"benchmarks.{name}").main(list(ctx.args))
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

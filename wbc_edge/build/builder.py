@@ -11,8 +11,9 @@ from .targets import TARGETS
 log = logging.getLogger("wbc_edge.build")
 
 
-def build_onnx(bundle: Bundle) -> Bundle:
-    """Re-run graph surgery from each member's raw export (uint8 in, softmax out, metadata)."""
+def build_onnx(bundle: Bundle, fuse: bool = False) -> Bundle:
+    """Re-run graph surgery from each member's raw export (uint8 in, softmax out, metadata); with
+    `fuse`, also one graph for the whole ensemble."""
     pp = bundle.preprocess
     for m in bundle.members:
         with tempfile.TemporaryDirectory() as tmp:
@@ -21,6 +22,10 @@ def build_onnx(bundle: Bundle) -> Bundle:
             build_member_graph(raw, bundle.path(m.onnx), pp.mean, pp.std,
                                {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": m.name,
                                 "arch": m.arch, "ensemble_weight": m.weight})
+    if fuse:
+        from .fuse import fuse_bundle
+
+        fuse_bundle(bundle)
     return bundle
 
 
@@ -74,13 +79,33 @@ def build_trt_fp16(bundle: Bundle) -> Bundle:
 BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8, "trt-fp16": build_trt_fp16, "trt-int8": build_trt_int8}
 
 
+def check(bundle: Bundle, data, n: int = 64) -> list[dict]:
+    """Parity on real cells: PyTorch vs ORT FP32 per member (if torch is installed), fused vs members."""
+    from .._optional import available
+    from ..calibration.reader import calibration_images
+    from .parity import fused_vs_members, torch_vs_ort
+
+    images = calibration_images(bundle, data, n)
+    results = torch_vs_ort(bundle, images) if available("torch") else []
+    if "fused" in bundle.extra:
+        results.append(fused_vs_members(bundle, images))
+    bundle.extra["parity"] = results
+    return results
+
+
 def build(bundle_dir, target: str, **options) -> Bundle:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     if target not in BUILDERS:
         raise NotImplementedError(f"target {target!r} is not implemented yet")
     bundle = Bundle.load(bundle_dir)
+    check_data = options.pop("check", None)
     bundle = BUILDERS[target](bundle, **options)
+    if check_data:
+        failed = [r for r in check(bundle, check_data) if not r["ok"]]
+        bundle.save()
+        if failed:
+            raise ValueError(f"{bundle.root}: parity check failed: {failed}")
     bundle.save()
     log.info("built %s for %s", target, bundle.root)
     return bundle

@@ -14,9 +14,11 @@ class EnsembleClassifier:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
                  precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
-                 artifact: str | None = None):
+                 artifact: str | None = None, fused: bool = True):
         self.bundle, self.device, self.precision = bundle, device, precision
         self.artifact = artifact or (None if precision == "fp32" else f"ort-{precision}")
+        # one engine call for the whole ensemble when the bundle has a fused FP32 graph
+        self.fused = fused and self.artifact is None and "fused" in bundle.extra
         self.views = views or bundle.extra.get("tta", {}).get("views", ["id"])
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
@@ -32,6 +34,11 @@ class EnsembleClassifier:
         return member.artifacts[self.artifact]
 
     def activate(self) -> "EnsembleClassifier":
+        if self.fused:
+            self.runners = [open_runner(self.bundle.path(self.bundle.extra["fused"]["onnx"]), self.device,
+                                        threads=self.threads)]
+            self.weights = np.ones(1)
+            return self
         self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, threads=self.threads)
                         for m in self.bundle.members]
         return self
