@@ -61,3 +61,44 @@ def test_fit_refinement_on_a_bundle_and_evaluate_records_changes(tmp_path, sampl
     assert all(r["pred"] == r["refine"][-1]["to"] and r["pred_raw"] == r["refine"][0]["from"] for r in changed)
     raw = evaluate(work, sample_dir / "cells", tmp_path / "ev2", progress=False, refine=False)
     assert not raw["refined"] and raw["n_refined"] == 0
+
+
+def test_morphology_filter_switches_only_close_calls_nearer_the_rare_model():
+    from wbc_edge.edge.refine.biofilter import bio_filter, pair_confusion
+    from wbc_edge.edge.refine.features import FEATURE_NAMES
+    from wbc_edge.edge.refine.models import MorphologyModel
+
+    rng = np.random.default_rng(0)
+    d = len(FEATURE_NAMES)
+    xa, xb = rng.normal(0, 1, (200, d)), rng.normal(3, 1, (200, d))  # two well separated morphologies
+    model = MorphologyModel.fit(np.vstack([xa, xb]), ["SNE"] * 200 + ["BNE"] * 200, ["SNE", "BNE"])
+    classes = ["SNE", "BNE"]
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.95, 0.05]])  # the third call is not close
+    feats = np.vstack([rng.normal(3, 1, (1, d)), rng.normal(0, 1, (1, d)), rng.normal(3, 1, (1, d))])
+    new, changes = bio_filter(probs, probs.argmax(1), feats, model, classes, [("SNE", "BNE")], close=0.25)
+    assert list(new) == [1, 0, 0]
+    assert changes[0] == [{"phase": "morphology", "from": "SNE", "to": "BNE"}] and not changes[1] and not changes[2]
+    assert pair_confusion(np.array([1, 0, 1]), new, classes, [("SNE", "BNE")]) == {"SNE/BNE": {"SNE->BNE": 0,
+                                                                                               "BNE->SNE": 1}}
+
+
+def test_fit_morphology_records_its_decision(tmp_path, sample_bundle, sample_dir):
+    from wbc_edge.edge.refine.refiner import fit_morphology
+
+    work = tmp_path / "bundle"
+    shutil.copytree(sample_bundle, work)
+    res = fit_morphology(Bundle.load(work), sample_dir / "cells", sample_dir / "cells", close=0.5)
+    saved = json.loads((work / "manifest.json").read_text())["refine"]["morphology"]
+    assert saved["enabled"] == res["enabled"] == (res["val_macro_f1_after"] > res["val_macro_f1_before"])
+    assert ["SNE", "BNE"] in saved["pairs"] and saved["model"]["classes"]
+    from wbc_edge.data.datasets import from_image_folder
+
+    b = Bundle.load(work)  # the stored models load back and run on real crops
+    x, _, _ = from_image_folder(sample_dir / "cells", ["SNE", "BNE"]).load(b.preprocess.input_size, progress=False)
+    probs = np.tile([[0.0] * 8 + [1.0]], (len(x), 1))
+    probs[:, b.classes.index("BNE")] = 0.9  # every SNE call has BNE close behind
+    probs /= probs.sum(1, keepdims=True)
+    refiner = Refiner({"morphology": {**saved, "enabled": True}}, b.classes)
+    pred, changes = refiner(probs, x)
+    moved = [c for c in changes if c]
+    assert moved and all(c[0]["from"] == "SNE" and c[0]["to"] == "BNE" for c in moved)

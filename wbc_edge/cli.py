@@ -158,16 +158,24 @@ def stream(source, bundle, out, mode, crops_flag, views, **opts):
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--val", required=True, type=click.Path(exists=True), help="labelled validation cells (not test cells)")
-def refine(bundle, val):
-    """Fit BUNDLE's refinement (per-class logit offsets for macro-F1) on labelled validation cells."""
+@click.option("--morph", type=click.Path(exists=True), help="labelled training cells for the morphology models")
+def refine(bundle, val, morph):
+    """Fit BUNDLE's refinement on labelled cells: phase 1 (logit offsets for macro-F1) and, with --morph,
+    phase 3 (morphology models for confusion pairs); each is enabled only if it helps on validation."""
     from .bundle import Bundle
-    from .edge.refine.refiner import fit_refinement
+    from .edge.refine.refiner import fit_morphology, fit_refinement
 
-    boost = fit_refinement(Bundle.load(bundle), val, progress=True)
+    b = Bundle.load(bundle)
+    boost = fit_refinement(b, val, progress=True)
     state = "enabled" if boost["enabled"] else "left disabled (no gain)"
     click.echo(f"boost: fit half {boost['macro_f1_before']:.4f} -> {boost['macro_f1_after']:.4f}, check half "
                f"{boost['check_macro_f1_before']:.4f} -> {boost['check_macro_f1_after']:.4f} ({boost['n_val']} "
                f"cells); {state}; offsets {boost['offsets']}")
+    if morph:
+        m = fit_morphology(b, morph, val, progress=True)
+        click.echo(f"morphology: val macro-F1 {m['val_macro_f1_before']:.4f} -> {m['val_macro_f1_after']:.4f} "
+                   f"(close {m['close']}); {'enabled' if m['enabled'] else 'left disabled (no gain)'}; pairs "
+                   f"before {m['pairs_before']} after {m['pairs_after']}")
 
 
 @main.command()

@@ -41,7 +41,8 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
         batch, ok, rows = _read_chunk(ds, idx, pp.input_size, pp.interpolation)
         if batch is not None:
             probs = clf.predict(batch)
-            final, changes = refiner(probs) if refiner is not None and refiner.active else (probs.argmax(1), None)
+            final, changes = refiner(probs, batch) if refiner is not None and refiner.active \
+                else (probs.argmax(1), None)
             for n, (i, p) in enumerate(zip(ok, probs)):
                 top = np.argsort(-p)[:top_k]
                 rows[i] = {"path": ds.samples[i].path, "label": ds.samples[i].label, "pred": classes[final[n]],

@@ -118,12 +118,13 @@ class CellLabeller:
         self.rare_idx = np.array([i for i, c in enumerate(self.classes) if c in RARE_CODES], np.int64)
         self.refiner = refiner if refiner is not None and refiner.active else None
 
-    def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool) -> list[dict]:
+    def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool, crops=None) -> list[dict]:
         base = {"source": frame.source, "frame": frame.index}
         if frame.error and crops_mode:  # in crops mode the input *is* the cell: keep one row per input
             return [{**base, "cell": 0, "box": None, "pred": None, "error": frame.error}]
         probs = np.asarray(probs)
-        final, changes = self.refiner(probs) if self.refiner is not None and len(probs) else (probs.argmax(-1), None)
+        final, changes = self.refiner(probs, crops) if self.refiner is not None and len(probs) \
+            else (probs.argmax(-1), None)
         rows = [self._row(base, i, box, p, int(k)) for i, (box, p, k) in enumerate(zip(boxes, probs, final))]
         for row, ch in zip(rows, changes or []):
             if ch:  # the refinement moved this cell: keep the ensemble's class and how it changed
@@ -351,7 +352,7 @@ class Pipeline:
     def _write(self, loc: _Located, probs: np.ndarray) -> None:
         t0 = time.perf_counter()
         res = FrameResult(loc.frame, loc.boxes, loc.crops,
-                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode))
+                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, loc.crops))
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
                 res.latency_s = time.perf_counter() - loc.frame.t_start
