@@ -82,3 +82,12 @@ def test_bench_front_door(tmp_path):
                           str(tmp_path)], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "robustness.json").is_file()
+
+
+def test_refinement_quick(tmp_path, sample_dir):
+    from benchmarks import refinement
+
+    cells = str(sample_dir / "cells")
+    res = refinement.main(["--morph", cells, "--val", cells, "--test", cells, "--out", str(tmp_path)])
+    assert [r["variant"] for r in res["rows"]][0] == "ensemble only" and len(res["rows"]) == 5
+    assert _payload(tmp_path, "refinement")["morphology"]["pairs"]

@@ -114,3 +114,23 @@ def test_shipped_configs_load_and_a_typo_in_a_file_is_named(tmp_path):
     bad.write_text("data: x\nrecipie: decoupled\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown key 'recipie'; did you mean 'recipe'"):
         load_config(bad)
+
+
+def test_stain_normalised_training_records_it_and_the_runtime_applies_it(tmp_path, sample_dir):
+    """A bundle trained on normalised cells says so, and EnsembleClassifier normalises before the runner."""
+    from wbc_edge.bundle import Bundle
+    from wbc_edge.edge.classifier import EnsembleClassifier
+    from wbc_edge.edge.stain import StainReference, normalise_batch
+    from wbc_edge.trainer.loop import train
+
+    b = train(load_config(data=str(sample_dir / "cells"), out=str(tmp_path / "b"), member="mobilenetv3_small_050",
+                          input_size=48, epochs=1, batch_size=32, max_per_class=8, progress=False,
+                          stain_normalise=True))
+    assert b.extra["stain"]["normalise"] is True
+    b = Bundle.load(b.root)
+    x = np.stack(load_pool(str(sample_dir / "cells"), load_config(max_per_class=2, progress=False), 48).x)
+    with EnsembleClassifier(b, views=["id"]) as clf:
+        got = clf.predict(x)
+        clf.stain = None  # the same runner fed cells normalised by hand
+        ref = clf.predict(normalise_batch(x, StainReference.from_dict(b.extra["stain"]["reference"]))[0])
+    assert np.abs(got - ref).max() < 1e-6

@@ -7,6 +7,7 @@ from ..bundle import Bundle
 from . import tta
 from .preprocess import resize_batch
 from .runners import Runner, open_runner
+from .stain import StainReference, normalise_batch
 
 
 class EnsembleClassifier:
@@ -24,6 +25,8 @@ class EnsembleClassifier:
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
+        stain = bundle.extra.get("stain") or {}
+        self.stain = StainReference.from_dict(stain["reference"]) if stain.get("normalise") else None
 
     def _graph(self, member) -> str:
         if self.artifact is None:
@@ -57,6 +60,8 @@ class EnsembleClassifier:
     def predict(self, crops) -> np.ndarray:
         pp = self.bundle.preprocess
         batch = resize_batch(crops, pp.input_size, pp.interpolation)
+        if self.stain is not None:  # the model was trained on normalised cells: same step, same reference
+            batch = normalise_batch(batch, self.stain)[0]
         chunk = max(1, self.max_batch // len(self.views))
         return np.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]) \
             if len(batch) else np.zeros((0, len(self.bundle.classes)), np.float32)

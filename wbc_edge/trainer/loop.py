@@ -303,13 +303,24 @@ def augmentation_hooks(cfg: TrainConfig) -> list:
     return hooks
 
 
-def stain_record(pool: Pool, n: int = 1024) -> dict:
-    """The Macenko reference of the training data, for the runtime's optional slide-level normalisation."""
+def stain_reference(pool: Pool, n: int = 1024):
     from ..edge.stain import fit_reference
 
-    step = max(1, len(pool.x) // n)
-    return {"reference": fit_reference(pool.x[::step]).to_dict(), "normalise": False,
-            "note": "fitted on the training cells; the model was trained on un-normalised images"}
+    return fit_reference(pool.x[::max(1, len(pool.x) // n)])
+
+
+def stain_record(reference, normalise: bool) -> dict:
+    """The training cells' Macenko reference, and whether the model was trained on normalised cells
+    (then every runtime normalises crops to it before the runner; see EnsembleClassifier)."""
+    return {"reference": reference.to_dict(), "normalise": normalise}
+
+
+def normalise_pool(pool: Pool, reference) -> None:
+    """Normalise the loaded cells in place (validation cells are then what the runtime will see)."""
+    from ..edge.stain import normalise_batch
+
+    for i in range(0, len(pool.x), 512):
+        pool.x[i:i + 512] = normalise_batch(pool.x[i:i + 512], reference)[0]
 
 
 def train(cfg: TrainConfig, hooks=None) -> Bundle:
@@ -326,11 +337,20 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
     t0 = time.perf_counter()
     pool = load_pool(cfg.data, cfg, size)
     val_pool = load_pool(cfg.val_data, cfg, size, pool.classes) if cfg.val_data else None
+    reference = stain_reference(pool)
+    if cfg.stain_normalise:
+        # training batches: augment the raw cells (another lab's stain, scanner), *then* normalise,
+        # as the runtime does; validation cells are normalised once up front
+        from ..edge.stain import normalise_batch
+
+        hooks = list(hooks) + [lambda b, rng: normalise_batch(b, reference)[0]]
+        normed = val_pool or Pool(pool.classes, pool.x.copy(), pool.y, pool.paths, pool.groups, [])
+        normalise_pool(normed, reference)  # training batches stay raw until their hooks have run
     members, history, pp = [], [], None
     for arch in archs:
         for k, (tr, va) in enumerate(splits_for(pool, cfg)):
             name = f"m{len(members)}"
-            val = val_pool.take(slice(None)) if val_pool else pool.take(va)
+            val = val_pool.take(slice(None)) if val_pool else (normed if cfg.stain_normalise else pool).take(va)
             model, hist, mean, std = train_member(cfg, arch, name, len(pool.classes), pool.take(tr), val, out, hooks)
             if pp is not None and (pp.mean, pp.std) != (mean, std):
                 raise ValueError(f"member {arch} normalises differently from {archs[0]}; one bundle needs one")
@@ -351,7 +371,8 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                "unreadable": [e.__dict__ for e in pool.errors], "best_val_macro_f1_per_member": best,
                "best_val_macro_f1": float(np.nanmean([b for b in best if b is not None])) if any(best) else None}
     bundle = Bundle(out, list(pool.classes), pp, members,
-                    {"tta": {"views": list(cfg.tta_views)}, "training": summary, "stain": stain_record(pool),
+                    {"tta": {"views": list(cfg.tta_views)}, "training": summary,
+                     "stain": stain_record(reference, cfg.stain_normalise),
                      "class_priors": dict(zip(pool.classes, map(float, priors)))})
     bundle.save()
     return bundle
