@@ -82,6 +82,22 @@ def baseline(bundle: Bundle, paths: list[str], views: list[str]):
     return run
 
 
+def run_sweep(bundle: Bundle, ds, precisions, ref, repeats: int) -> list[dict]:
+    rows = []
+    s = bundle.preprocess.input_size
+    for batch in (1, 8, 32, 64):
+        paths = [ds.samples[i].path for i in np.random.default_rng(1).permutation(len(ds))[:batch]]
+        for n_views in (1, 2, 4, 8):
+            for name, key in precisions:
+                ours = Ours(bundle, tta.PRESETS[n_views], key, ref)
+                t = time_median(lambda: ours(paths), repeats=repeats)
+                x = np.random.default_rng(0).integers(0, 256, (batch * n_views, s, s, 3), dtype=np.uint8)
+                raw_t = sum(time_median(lambda r=r: r.infer(x), repeats=repeats) for r in ours.runners)
+                rows.append({"precision": name, "batch": batch, "views": n_views, "ours_cells_s": batch / t,
+                             "raw_cells_s": batch / raw_t, "e2e_over_raw": raw_t / t})
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bundle", type=Path, default=Path("data/sample/bundle"))
@@ -90,6 +106,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--views", type=int, default=8, choices=sorted(tta.PRESETS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib", default=None, help="build ORT INT8 with these cells (default: skip INT8)")
+    ap.add_argument("--sweep", action="store_true", help="also sweep batch 1/8/32/64 x views 1/2/4/8 (no baseline)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
@@ -123,10 +140,13 @@ def main(argv=None) -> dict:
                          "ours_cells_s": a.batch / t, "raw_cells_s": a.batch / raw_t, "e2e_over_raw": raw_t / t,
                          "baseline_cells_s": a.batch / base_t, "speedup_vs_baseline": base_t / t,
                          **{f"ms_{k}": v for k, v in stages.items()}})
+        sweep = run_sweep(bundle, ds, precisions, ref, a.repeats) if a.sweep else []
     table = (f"Bundle {a.bundle} ({bundle.members[0].arch}, {bundle.preprocess.input_size}px), cells from {a.data}; "
              f"views {views}. Baseline: per-image torchstain + PyTorch eager, one pass per view and member. "
              "ms_* = ms per cell in each stage of ours.\n\n" + markdown_table(rows))
-    write_results("throughput", {"rows": rows, "views": views}, table, a.out)
+    if sweep:
+        table += "\n\n## Sweep (ours vs the raw runner)\n\n" + markdown_table(sweep)
+    write_results("throughput", {"rows": rows, "views": views, "sweep": sweep}, table, a.out)
     print(table)
     return {"rows": rows}
 
