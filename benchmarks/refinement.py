@@ -14,8 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle

@@ -105,8 +105,6 @@ def test_trt_int8_calibrates_a_lint_clean_s8s8_graph_even_without_a_gpu(bundle_c
 
 def test_fused_ensemble_equals_the_weighted_mean_of_its_members(tmp_path, sample_bundle, sample_dir):
     """A two-member bundle (the shipped member twice, different weights) fused into one graph."""
-    from wbc_edge.build.builder import check
-
     work = tmp_path / "b2"
     shutil.copytree(sample_bundle, work)
     b = Bundle.load(work)

@@ -1,7 +1,6 @@
 """The `wbc-edge` command line: each command is a thin wrapper over one library call."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

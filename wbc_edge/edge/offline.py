@@ -5,7 +5,6 @@ A row carries the prediction and top-k probabilities, or an `error` saying why i
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import CellDataset
 from ..data.images import ImageReadError, read_image
-from ..taxonomy import is_wbc
 from .classifier import EnsembleClassifier
 from .preprocess import resize_batch
 
@@ -63,13 +61,3 @@ def write_jsonl(rows, path) -> Path:
         for r in rows:
             f.write(json.dumps({k: v for k, v in r.items() if k != "probs"}) + "\n")
     return path
-
-
-def differential(rows) -> dict:
-    """Counts and percentages per predicted class; WBC percentages are over white cells only."""
-    preds = Counter(r["pred"] for r in rows if r.get("pred"))
-    n_wbc = sum(n for c, n in preds.items() if is_wbc(c))
-    return {"n_inputs": len(rows), "n_classified": sum(preds.values()),
-            "n_failed": sum(1 for r in rows if r.get("error")),
-            "classes": {c: {"count": n, "percent_of_wbc": (100.0 * n / n_wbc if n_wbc and is_wbc(c) else None)}
-                        for c, n in sorted(preds.items(), key=lambda kv: -kv[1])}}

@@ -200,7 +200,6 @@ def validate(model, val, ctx) -> dict:
 
 def run_stages(model, stages: list[Stage], train, val, ctx, ckpt: Path) -> tuple[list[dict], dict | None]:
     """Every epoch of every stage, checkpointed after each epoch; returns (history, best state)."""
-    torch = require("torch", "train")
     plan = [(si, e) for si, st in enumerate(stages) for e in range(st.epochs)]
     history, best, best_state, start, opt = [], -1.0, None, 0, None
     if ctx["cfg"].resume and ckpt.with_suffix(".json").exists():

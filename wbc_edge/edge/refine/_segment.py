@@ -282,7 +282,6 @@ def fill_polygon(vy, vx, out):
 @njit(cache=True)
 def cell_one(od, t_bg, nucleus, n_rays, out):
     """Cell mask of one crop: the star-shaped region the rays reach, united with the nucleus."""
-    s = od.shape[0]
     y0, y1, x0, x1 = bbox(nucleus)
     if y1 < 0:
         return
