@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from wbc_edge.edge.localise import iou
 from wbc_edge.edge.pipeline import run_stream
 from wbc_edge.edge.sources import LiveSource, open_source
 from wbc_edge.edge.stats import LogHistogram, Reservoir
@@ -95,7 +96,7 @@ def test_video_streams_like_the_folder(folder_run, frame_files, sample_bundle, t
         for i in range(len(frame_files)):
             assert abs(len(got.get(i, [])) - len(ref.get(i, []))) <= 1, f"frame {i}"
         matched = [(r, _nearest(r, got.get(r["frame"], []))) for rows in ref.values() for r in rows]
-        near = [(r, g) for r, g in matched if g is not None and _iou(r["box"], g["box"]) > 0.7]
+        near = [(r, g) for r, g in matched if g is not None and iou(r["box"], g["box"]) > 0.7]
         assert len(near) >= 0.8 * ref_summary.cells
         assert sum(r["pred"] == g["pred"] for r, g in near) >= 0.8 * len(near)
     cap = cv2.VideoCapture(str(tmp_path / "out" / "annotated.avi"))
@@ -103,15 +104,8 @@ def test_video_streams_like_the_folder(folder_run, frame_files, sample_bundle, t
     cap.release()
 
 
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def _nearest(row, candidates):
-    return max(candidates, key=lambda c: _iou(row["box"], c["box"]), default=None)
+    return max(candidates, key=lambda c: iou(row["box"], c["box"]), default=None)
 
 
 def test_truncated_video_ends_with_a_reason(frame_files, sample_bundle, tmp_path):
