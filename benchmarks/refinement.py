@@ -19,7 +19,7 @@ from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
-from wbc_edge.edge.refine.refiner import Refiner, _labelled, fit_morphology, fit_refinement
+from wbc_edge.edge.refine.refiner import Refiner, fit_morphology, labelled, fit_refinement
 
 
 def main(argv=None) -> dict:
@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
         b = Bundle.load(Path(tmp) / "b")
         boost = fit_refinement(b, a.val)
         morph = fit_morphology(b, a.morph, a.val)
-        x, y = _labelled(b, a.test)
+        x, y = labelled(b, a.test)
         with EnsembleClassifier(b) as clf:
             probs = clf.predict(x)
         full = copy.deepcopy(b.extra["refine"])

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import metrics
 from ..bundle import Bundle
-from ..data.datasets import open_dataset
+from ..data.datasets import load_labelled
 from ..edge.classifier import EnsembleClassifier
 
 
@@ -20,18 +20,15 @@ def _predict(bundle: Bundle, images: np.ndarray, artifact: str | None) -> np.nda
 
 def compare_to_fp32(bundle: Bundle, val_data, artifact: str = "ort-int8", precision: str = "int8") -> dict:
     """Top-1 agreement, macro-F1 of both, the drop, and per-class recall drop (FP32 - reduced)."""
-    ds = open_dataset(val_data).filter_classes(bundle.classes)
     pp = bundle.preprocess
-    images, kept, _ = ds.load(pp.input_size, pp.interpolation, progress=False)
-    if len(kept) == 0:
-        raise ValueError(f"{val_data}: no readable validation images with the model's classes")
-    y = [ds.samples[i].label for i in kept]
+    images, y_idx, _ = load_labelled(val_data, bundle.classes, pp.input_size, pp.interpolation)
+    y = [bundle.classes[i] for i in y_idx]
     ref, red = _predict(bundle, images, None), _predict(bundle, images, artifact)
     names = np.asarray(bundle.classes)
     rep_ref = metrics.classification_report(y, list(names[ref.argmax(1)]), bundle.classes)
     rep_red = metrics.classification_report(y, list(names[red.argmax(1)]), bundle.classes)
     return {
-        "precision": precision, "artifact": artifact, "n_val": int(len(kept)),
+        "precision": precision, "artifact": artifact, "n_val": int(len(y)),
         "top1_agreement": float((ref.argmax(1) == red.argmax(1)).mean()),
         "max_abs_prob_diff": float(np.abs(ref - red).max()),
         "macro_f1_fp32": rep_ref["macro_f1"], f"macro_f1_{precision}": rep_red["macro_f1"],

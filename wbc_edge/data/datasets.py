@@ -121,6 +121,15 @@ def from_folder(root) -> CellDataset:
     return CellDataset([Sample(str(p)) for p in files], str(root), [])
 
 
+def load_labelled(source, classes, size: int | None, interpolation: str = "area", progress: bool = False):
+    """Readable images of `source` whose label is in `classes` -> (uint8 images, class indices, errors)."""
+    ds = open_dataset(source).filter_classes(classes)
+    x, kept, errors = ds.load(size, interpolation, progress=progress)
+    if not len(kept):
+        raise ValueError(f"{source}: no readable images with a label among {list(classes)}")
+    return x, np.asarray([list(classes).index(ds.samples[i].label) for i in kept], np.int64), errors
+
+
 def open_dataset(source, classes=None) -> CellDataset:
     """A manifest CSV, an ImageFolder, or (if it has no class folders) a plain folder of crops."""
     source = Path(source)

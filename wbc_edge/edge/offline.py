@@ -11,21 +11,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.datasets import CellDataset
-from ..data.images import ImageReadError, read_image
 from .classifier import EnsembleClassifier
-from .preprocess import resize_batch
 
 
 def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str):
-    images, ok, rows = [], [], {}
-    for i in idx:
-        s = ds.samples[i]
-        try:
-            images.append(read_image(s.path))
-            ok.append(i)
-        except ImageReadError as exc:
-            rows[i] = {"path": s.path, "label": s.label, "pred": None, "error": exc.reason}
-    return (resize_batch(images, size, interpolation) if images else None), ok, rows
+    """(resized batch or None, dataset indices of its rows, error rows by dataset index)."""
+    idx = list(idx)
+    batch, kept, errors = ds.subset(idx).load(size, interpolation, progress=False)
+    by_path = {ds.samples[i].path: i for i in idx}
+    rows = {by_path[e.path]: {"path": e.path, "label": ds.samples[by_path[e.path]].label, "pred": None,
+                              "error": e.reason} for e in errors}
+    return (batch if len(kept) else None), [idx[k] for k in kept], rows
 
 
 def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int = 64, top_k: int = 3,

@@ -52,13 +52,9 @@ class Refiner:
 def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
     """Fit phase 1 on labelled validation cells with the bundle's own runner; enable it only if it
     raises validation macro-F1. Stores the result in the bundle manifest."""
-    from ...data.datasets import open_dataset
     from ..classifier import EnsembleClassifier
 
-    ds = open_dataset(val_data).filter_classes(bundle.classes)
-    pp = bundle.preprocess
-    x, kept, _ = ds.load(pp.input_size, pp.interpolation, progress=progress)
-    y = np.asarray([bundle.classes.index(ds.samples[i].label) for i in kept])
+    x, y = labelled(bundle, val_data, progress)
     with EnsembleClassifier(bundle) as clf:
         probs = clf.predict(x)
     # Fit on one half of the validation cells, check on the other: offsets tuned for macro-F1 overfit
@@ -79,13 +75,12 @@ def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
     return json.loads(json.dumps(boost))
 
 
-def _labelled(bundle, data, progress: bool = False):
-    from ...data.datasets import open_dataset
+def labelled(bundle, data, progress: bool = False):
+    """The bundle's classes' cells of `data`, at the bundle's input size -> (images, class indices)."""
+    from ...data.datasets import load_labelled
 
-    ds = open_dataset(data).filter_classes(bundle.classes)
     pp = bundle.preprocess
-    x, kept, _ = ds.load(pp.input_size, pp.interpolation, progress=progress)
-    return x, np.asarray([bundle.classes.index(ds.samples[i].label) for i in kept])
+    return load_labelled(data, bundle.classes, pp.input_size, pp.interpolation, progress)[:2]
 
 
 def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None = None, progress: bool = False) -> dict:
@@ -98,9 +93,9 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     from .models import MorphologyModel
 
     pairs = [tuple(p) for p in (pairs or DEFAULT_PAIRS)]
-    xm, ym = _labelled(bundle, morph_data, progress)
+    xm, ym = labelled(bundle, morph_data, progress)
     model = MorphologyModel.fit(morphology_features(xm), [bundle.classes[i] for i in ym], bundle.classes)
-    xv, yv = _labelled(bundle, val_data, progress)
+    xv, yv = labelled(bundle, val_data, progress)
     with EnsembleClassifier(bundle) as clf:
         probs = clf.predict(xv)
     config = {k: v for k, v in bundle.extra.get("refine", {}).items() if k != "morphology"}
