@@ -23,7 +23,12 @@ EXTRAS = {
     "train": ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0", "safetensors>=0.4", "scikit-learn>=1.4"],
     "gpu": ["cupy-cuda12x>=13", "onnxruntime-gpu>=1.18"],
     "tensorrt": ["tensorrt>=10.3", "cupy-cuda12x>=13"],
-    "dev": ["pytest>=8", "scikit-learn>=1.4", "scipy>=1.11", "torchstain>=1.3"],
+    # `build --target trt-int8 --quantizer modelopt`. It pins onnx~=1.21 and onnxruntime-gpu~=1.24 (which
+    # replaces the CPU onnxruntime wheel), so install it in its own environment, not beside the core pins.
+    "modelopt": ["nvidia-modelopt[onnx]>=0.47.0"],
+    # refinement phase 2 with a MedSigLIP/SigLIP-style image encoder from a local transformers directory
+    "embed-hf": ["torch==2.14.1", "transformers>=4.45"],
+    "dev": ["pytest>=8", "scikit-learn>=1.4", "scipy>=1.11", "torchstain>=1.3", "transformers>=4.45"],
 }
 
 setup(

@@ -1,9 +1,11 @@
 """Refinement phases on held-out cells: macro-F1 and the configured pairs' confusion, per phase.
 
     python -m benchmarks.refinement --morph TRAIN_CELLS --val VAL_CELLS [--test data/sample/cells]
+        [--verify member --verify bundle:OTHER_BUNDLE ...]
 
 Phase 1 (logit offsets) is fitted on VAL; phase 3's morphology models on TRAIN_CELLS and its
-threshold on VAL; every figure below is on TEST, which neither saw. Writes
+threshold on VAL; phase 2's prototypes (one run per --verify embedder) on TRAIN_CELLS and its rank
+on VAL; every figure below is on TEST, which none of them saw. Writes
 benchmarks/results/refinement.{json,md}.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
-from wbc_edge.edge.refine.refiner import Refiner, fit_morphology, labelled, fit_refinement
+from wbc_edge.edge.refine.refiner import Refiner, fit_morphology, fit_refinement, fit_verification, labelled
 
 
 def main(argv=None) -> dict:
@@ -28,6 +30,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--morph", required=True)
     ap.add_argument("--val", required=True)
     ap.add_argument("--test", default="data/sample/cells")
+    ap.add_argument("--verify", action="append", default=None, metavar="SOURCE",
+                    help="phase 2 embedder (repeatable; default: member)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,26 +43,43 @@ def main(argv=None) -> dict:
         with EnsembleClassifier(b) as clf:
             probs = clf.predict(x)
         full = copy.deepcopy(b.extra["refine"])
-        variants = {"ensemble only": {}, "phase 1 (boost)": {"boost": {**full["boost"], "enabled": True}},
-                    "phase 3 (morphology)": {"morphology": {**full["morphology"], "enabled": True}},
-                    "phases 1+3": {"boost": {**full["boost"], "enabled": True},
-                                   "morphology": {**full["morphology"], "enabled": True}},
-                    "as enabled by validation": full}
+        on = {name: {**full[name], "enabled": True} for name in ("boost", "morphology")}
+        variants = {"ensemble only": {}, "phase 1 (boost)": {"boost": on["boost"]},
+                    "phase 3 (morphology)": {"morphology": on["morphology"]},
+                    "phases 1+3": on, "as enabled by validation (no phase 2)": full}
         pairs = [tuple(p) for p in morph["pairs"]] or list(DEFAULT_PAIRS)
-        rows = []
-        for name, cfg in variants.items():
-            pred = Refiner(cfg, b.classes)(probs, x)[0] if cfg else probs.argmax(1)
-            rep = metrics.classification_report(y, pred, range(len(b.classes)))
-            rows.append({"variant": name, "macro_f1": rep["macro_f1"], "balanced_accuracy": rep["balanced_accuracy"],
-                         **{k: f"{v[list(v)[0]]}/{v[list(v)[1]]}"
-                            for k, v in pair_confusion(y, pred, b.classes, pairs).items()}})
+        rows = [_row(name, cfg, b, probs, x, y, pairs) for name, cfg in variants.items()]
+        verify = {}
+        for source in a.verify or ["member"]:  # each fit replaces the bundle's embedder: score it right away
+            verify[source] = fit_verification(b, a.morph, a.val, source)
+            v2 = {**b.extra["refine"]["verify"], "enabled": True}
+            rows += [_row(name, cfg, b, probs, x, y, pairs) for name, cfg in {
+                f"phases 1+2 [{source}]": {"boost": on["boost"], "verify": v2},
+                f"phases 2+3 [{source}]": {"morphology": on["morphology"], "verify": v2},
+                f"phases 1+2+3 [{source}]": {**on, "verify": v2},
+                f"as enabled by validation [{source}]": b.extra["refine"]}.items()]
+    checked = "; ".join(f"{k}: rank {v['rank']}, enabled {v['enabled']}" for k, v in verify.items())
     table = (f"Test cells {a.test} ({len(y)}); phase 1 fitted on {a.val} (enabled by validation: "
              f"{boost['enabled']}); phase 3 models on {a.morph}, threshold close={morph['close']} on {a.val} "
-             f"(enabled by validation: {morph['enabled']}). Pair columns: A->B / B->A errors.\n\n"
+             f"(enabled by validation: {morph['enabled']}); phase 2 prototypes on {a.morph}, rank on {a.val} "
+             f"({checked}). "
+             "Pair columns: A->B / B->A errors; switched: cells whose class the refinement changed; vetoed: "
+             "switches phase 2 undid.\n\n"
              + markdown_table(rows))
-    write_results("refinement", {"boost": boost, "morphology": morph, "rows": rows}, table, a.out)
+    write_results("refinement", {"boost": boost, "morphology": morph, "verify": verify, "rows": rows}, table, a.out)
     print(table)
     return {"rows": rows}
+
+
+def _row(name, cfg, b, probs, x, y, pairs) -> dict:
+    refiner = Refiner(cfg, b.classes, b.root)
+    pred, changes = refiner(probs, x) if cfg else (probs.argmax(1), [[] for _ in y])
+    refiner.close()
+    rep = metrics.classification_report(y, pred, range(len(b.classes)))
+    return {"variant": name, "macro_f1": rep["macro_f1"], "balanced_accuracy": rep["balanced_accuracy"],
+            "switched": int((pred != probs.argmax(1)).sum()),
+            "vetoed": sum(any(c["phase"] == "verify" for c in ch) for ch in changes),
+            **{k: f"{v[list(v)[0]]}/{v[list(v)[1]]}" for k, v in pair_confusion(y, pred, b.classes, pairs).items()}}
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class Bundle:
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_manifest(self) -> dict:
         files = {f for m in self.members for f in (m.weights, m.onnx, *m.artifacts.values()) if f}
-        files = sorted(files | ({self.extra["fused"]["onnx"]} if "fused" in self.extra else set()))
+        files = sorted(files | set(self.extra_files()))
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "wbc_edge_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -82,6 +82,11 @@ class Bundle:
             **copy.deepcopy(self.extra),
             "checksums": {f: sha256(self.path(f)) for f in files if self.path(f).exists()},
         }
+
+    def extra_files(self) -> list[str]:
+        """Files named outside the members: the fused graph, refinement phase 2's embedder and prototypes."""
+        verify = self.extra.get("refine", {}).get("verify", {})
+        return [f for f in (self.extra.get("fused", {}).get("onnx"), verify.get("onnx"), verify.get("prototypes")) if f]
 
     def save(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -111,6 +116,9 @@ class Bundle:
             for f in (m.weights, m.onnx, *m.artifacts.values()):
                 if f and not self.path(f).exists():
                     raise BundleError(f"{self.root}: member {m.name!r} names {f!r}, which is missing")
+        for f in self.extra_files():
+            if not self.path(f).exists():
+                raise BundleError(f"{self.root}: the manifest names {f!r}, which is missing")
         for f, digest in checksums.items():
             if self.path(f).exists() and sha256(self.path(f)) != digest:
                 raise BundleError(f"{self.root}: {f} does not match its checksum (corrupt or replaced)")

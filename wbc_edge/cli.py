@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .build.targets import TARGETS, targets_help
+from .build.targets import QUANTIZERS, TARGETS, targets_help
 from .data.degrade import KINDS
 
 
@@ -80,15 +80,20 @@ def train(config_path, sets, classes, **opts):
               show_default=True)
 @click.option("--max-f1-drop", type=float, default=0.01, show_default=True,
               help="refuse an INT8 build losing more macro-F1 than this (0.01 = 1 point)")
+@click.option("--quantizer", type=click.Choice(list(QUANTIZERS)),
+              help="INT8 targets: who places the Q/DQ nodes (default: ort; trt-int8 also takes modelopt, "
+                   "extra `modelopt`)")
 @click.option("--fuse", is_flag=True, help="onnx: also one graph for the whole ensemble (weighted mean)")
 @click.option("--check", "check_data", type=click.Path(exists=True),
               help="parity on these real cells: PyTorch vs ORT FP32 (if torch is installed), fused vs members")
-def build(bundle, target, calib, val, calib_method, max_f1_drop, fuse, check_data):
+def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse, check_data):
     """Build deployable artifacts for BUNDLE (no torch needed)."""
     from .build.builder import build as run_build
 
-    opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop} \
-        if target in ("ort-int8", "trt-int8") else {"fuse": fuse} if target == "onnx" else {}
+    if quantizer and not TARGETS[target].quantizers:
+        raise click.UsageError(f"--quantizer applies to INT8 targets, not {target!r}")
+    opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop,
+            "quantizer": quantizer} if TARGETS[target].quantizers else {"fuse": fuse} if target == "onnx" else {}
     b = run_build(bundle, target, check=check_data, **opts)
     for r in b.extra.get("parity", []) if check_data else []:
         click.echo(f"parity {r.get('member', 'ensemble')} {r['check']}: max abs {r['max_abs']:.2e} "
@@ -158,11 +163,20 @@ def stream(source, bundle, out, mode, crops_flag, views, **opts):
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--val", required=True, type=click.Path(exists=True), help="labelled validation cells (not test cells)")
 @click.option("--morph", type=click.Path(exists=True), help="labelled training cells for the morphology models")
-def refine(bundle, val, morph):
-    """Fit BUNDLE's refinement on labelled cells: phase 1 (logit offsets for macro-F1) and, with --morph,
-    phase 3 (morphology models for confusion pairs); each is enabled only if it helps on validation."""
+@click.option("--verify", "verify_source", metavar="SOURCE",
+              help="phase 2 embedder: member[:N], bundle:DIR, onnx:FILE, timm:NAME[@WEIGHTS] or hf:DIR "
+                   "(prototypes from the --morph cells)")
+@click.option("--prototypes", "per_class", type=click.IntRange(1, 32), default=3, show_default=True,
+              help="phase 2 prototypes per class (k-means)")
+def refine(bundle, val, morph, verify_source, per_class):
+    """Fit BUNDLE's refinement on labelled cells: phase 1 (logit offsets for macro-F1); with --morph,
+    phase 3 (morphology models for confusion pairs); with --verify too, phase 2 (embedding prototypes
+    that must back every switch to a rarer class). Each is enabled only if it helps on validation."""
     from .bundle import Bundle
-    from .edge.refine.refiner import fit_morphology, fit_refinement
+    from .edge.refine.refiner import fit_morphology, fit_refinement, fit_verification
+
+    if verify_source and not morph:
+        raise click.UsageError("--verify needs --morph (the training cells its prototypes come from)")
 
     b = Bundle.load(bundle)
     boost = fit_refinement(b, val, progress=True)
@@ -175,6 +189,11 @@ def refine(bundle, val, morph):
         click.echo(f"morphology: val macro-F1 {m['val_macro_f1_before']:.4f} -> {m['val_macro_f1_after']:.4f} "
                    f"(close {m['close']}); {'enabled' if m['enabled'] else 'left disabled (no gain)'}; pairs "
                    f"before {m['pairs_before']} after {m['pairs_after']}")
+    if verify_source:
+        v = fit_verification(b, morph, val, verify_source, per_class, progress=True)
+        click.echo(f"verify ({verify_source}, {v['n_prototypes']} prototypes): val macro-F1 "
+                   f"{v['val_macro_f1_before']:.4f} -> {v['val_macro_f1_after']:.4f} (rank {v['rank']}); "
+                   f"{'enabled' if v['enabled'] else 'left disabled (no gain)'}; by rank {v['by_rank']}")
 
 
 @main.command()

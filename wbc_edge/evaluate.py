@@ -23,8 +23,9 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with EnsembleClassifier(bundle, device, views, precision) as clf:
-        refiner = Refiner(bundle.extra.get("refine") if refine else None, bundle.classes)
+        refiner = Refiner.for_bundle(bundle, refine, device)
         rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner))
+        refiner.close()
         runner = clf.runners[0].name
     for r in rows:
         if r.get("pred") and r["label"] not in bundle.classes:
@@ -41,7 +42,8 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     probs = np.stack([r["probs"] for r in scored])
     y_idx = np.asarray([idx[c] for c in y_true])
     report.update({"bundle": str(bundle_dir), "data": str(data), "runner": runner, "precision": precision,
-                   "refined": refiner.active, "n_refined": sum(1 for r in scored if r.get("refine")),
+                   "refined": refiner.active,
+                   "n_refined": sum(1 for r in scored if r.get("pred_raw", r["pred"]) != r["pred"]),
                    "views": clf.views, "n_inputs": len(rows), "n_scored": len(scored),
                    "n_unreadable": sum(1 for r in rows if r.get("error")),
                    "n_unknown_label": sum(1 for r in rows if r.get("note")),

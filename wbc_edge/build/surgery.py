@@ -14,11 +14,14 @@ import onnx_graphsurgeon as gs
 
 from .. import __version__
 
-INPUT, OUTPUT = "images", "probs"
+INPUT, OUTPUT, EMBEDDING = "images", "probs", "embedding"
 
 
-def add_io_processing(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
-    """float NCHW->logits graph  =>  uint8 NHWC (`images`) -> probabilities (`probs`)."""
+def add_io_processing(model: onnx.ModelProto, mean, std, softmax: bool = True) -> onnx.ModelProto:
+    """float NCHW->logits graph  =>  uint8 NHWC (`images`) -> probabilities (`probs`).
+
+    With `softmax=False` (an embedding model) the output is passed through, renamed `embedding`.
+    """
     graph = gs.import_onnx(model)
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise ValueError(f"expected one input and one output, got {len(graph.inputs)} and {len(graph.outputs)}")
@@ -35,11 +38,42 @@ def add_io_processing(model: onnx.ModelProto, mean, std) -> onnx.ModelProto:
     normed = graph.layer(op="Add", inputs=[scaled, gs.Constant("norm_shift", shift)], outputs=["images_norm"])[0]
     for node in list(old_in.outputs):
         node.inputs = [normed if t is old_in else t for t in node.inputs]
-    # an explicit Variable keeps the name exactly 'probs' (layer() would uniquify a string name)
-    probs = gs.Variable(OUTPUT, dtype=np.float32, shape=[old_in.shape[0], old_out.shape[1]])
-    graph.layer(op="Softmax", inputs=[old_out], outputs=[probs], attrs={"axis": 1})
-    graph.inputs, graph.outputs = [images], [probs]
+    if softmax:
+        # an explicit Variable keeps the name exactly 'probs' (layer() would uniquify a string name)
+        out = gs.Variable(OUTPUT, dtype=np.float32, shape=[old_in.shape[0], old_out.shape[1]])
+        graph.layer(op="Softmax", inputs=[old_out], outputs=[out], attrs={"axis": 1})
+    else:
+        out = old_out
+        out.name = EMBEDDING
+    graph.inputs, graph.outputs = [images], [out]
     return gs.export_onnx(graph.cleanup().toposort())  # keeps the source graph's opset
+
+
+def embedding_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deployable classifier graph cut before its classifier layer: uint8 NHWC (`images`) ->
+    the penultimate features (`embedding`), with the same in-graph preprocessing.
+
+    The classifier is the last Gemm (or MatMul, with its bias Add) before the Softmax; its data
+    input is the embedding. No torch needed: any member of any bundle can serve as an embedder.
+    """
+    graph = gs.import_onnx(model)
+    (images,), (probs,) = graph.inputs, graph.outputs
+    if images.name != INPUT or probs.name != OUTPUT or probs.inputs[0].op != "Softmax":
+        raise ValueError("not a wbc-edge deployable graph (expects input 'images' and a Softmax output 'probs')")
+    node = probs.inputs[0].inputs[0].inputs[0]  # the producer of the logits
+    if node.op == "Add" and any(t.inputs and t.inputs[0].op == "MatMul" for t in node.inputs):
+        node = next(t.inputs[0] for t in node.inputs if t.inputs and t.inputs[0].op == "MatMul")
+    if node.op not in ("Gemm", "MatMul"):
+        raise ValueError(f"cannot find the classifier layer: the logits come from a {node.op} node ({node.name}), "
+                         "not a Gemm/MatMul")
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        raise ValueError(f"classifier {node.name} has transA=1; its input is not a (batch, features) embedding")
+    emb, weight = node.inputs[0], node.inputs[1]
+    trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
+    width = weight.shape[1] if trans_b else weight.shape[0]  # the classifier's input features
+    emb.name, emb.dtype, emb.shape = EMBEDDING, np.float32, [images.shape[0], width]
+    graph.outputs = [emb]
+    return gs.export_onnx(graph.cleanup().toposort())
 
 
 def strip_io_processing(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -502,7 +502,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
         from .refine.refiner import Refiner
 
         labeller = CellLabeller(bundle.classes, top_k, low_confidence, rare_min_prob,
-                                Refiner(bundle.extra.get("refine") if refine else None, bundle.classes))
+                                Refiner.for_bundle(bundle, refine, device))
         localiser = None if src.kind == "crops" else _load_localiser()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -520,6 +520,8 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
             interrupted = True
         finally:
             summary = _finish(pipe, src, interrupted, sinks, out, rss_start, **info)
+            if labeller.refiner is not None:
+                labeller.refiner.close()
     return summary
 
 

@@ -2,12 +2,17 @@
 
 Phases (each configured in the bundle's `refine` section, each with `enabled`):
   boost       per-class logit offsets fitted for macro-F1 on validation cells (phase 1)
+  verify      semantic verification (phase 2): a switch to a rarer class, proposed by phase 1 or 3,
+              stands only if the class is among the `rank` nearest classes of the cell's embedding
+              (nearest prototype per class); otherwise the switch is undone and the veto recorded
   morphology  confusion pairs decided by per-class morphology models (phase 3; needs the crops)
-Phase 2 (semantic verification against embedding prototypes) is not implemented yet.
 """
 from __future__ import annotations
 
 import json
+import tempfile
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -15,13 +20,24 @@ from .boost import adjusted, fit_offsets
 
 
 class Refiner:
-    def __init__(self, config: dict | None, classes: list[str]):
+    def __init__(self, config: dict | None, classes: list[str], root=None, device: str = "cpu"):
         self.config, self.classes = config or {}, list(classes)
         boost = self.config.get("boost", {})
         self.offsets = np.asarray(boost["offsets"]) if boost.get("enabled") and "offsets" in boost else None
         bio = self.config.get("morphology", {})
         self.bio = bio if bio.get("enabled") else None
-        self._model = None
+        verify = self.config.get("verify", {})
+        self.verify = verify if verify.get("enabled") else None
+        if self.verify is not None and root is None:
+            raise ValueError("refinement phase 2 (verify) needs the bundle directory for its embedder")
+        self.root, self.device = (Path(root) if root is not None else None), device
+        self._model = self._embedder = self._protos = None
+        self._lock = threading.Lock()  # the stream's workers may share one refiner
+
+    @classmethod
+    def for_bundle(cls, bundle, enabled: bool = True, device: str = "cpu") -> "Refiner":
+        """The bundle's refinement as configured (or none at all with enabled=False)."""
+        return cls(bundle.extra.get("refine") if enabled else None, bundle.classes, bundle.root, device)
 
     @property
     def active(self) -> bool:
@@ -31,22 +47,76 @@ class Refiner:
         """(refined class indices, per-cell list of changes {phase, from, to})."""
         pred = probs.argmax(1)
         changes: list[list[dict]] = [[] for _ in range(len(probs))]
+        cache: dict[int, np.ndarray] = {}
         if self.offsets is not None:
             new = adjusted(probs, self.offsets)
             for i in np.flatnonzero(new != pred):
                 changes[i].append({"phase": "boost", "from": self.classes[pred[i]], "to": self.classes[new[i]]})
-            pred = new
+            pred = self._verified(pred, new, crops, changes, cache)
         if self.bio is not None and crops is not None and len(crops):
             from .biofilter import bio_filter
             from .features import morphology_features
             from .models import MorphologyModel
 
             self._model = self._model or MorphologyModel.from_dict(self.bio["model"])
-            pred, bio_changes = bio_filter(probs, pred, morphology_features(crops), self._model, self.classes,
-                                           [tuple(p) for p in self.bio["pairs"]], self.bio["close"])
+            new, bio_changes = bio_filter(probs, pred, morphology_features(crops), self._model, self.classes,
+                                          [tuple(p) for p in self.bio["pairs"]], self.bio["close"])
             for c, extra in zip(changes, bio_changes):
                 c.extend(extra)
+            pred = self._verified(pred, new, crops, changes, cache)
         return pred, changes
+
+    # ---- phase 2 -----------------------------------------------------------------------------
+    def _checked(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Cells whose switch phase 2 must confirm: to a class rarer (by training prior) than the old one."""
+        moved = after != before
+        priors = self.verify.get("priors")
+        if self.verify.get("direction", "rarer") == "rarer" and priors:
+            p = np.asarray(priors)
+            moved &= p[after] < p[before]
+        return np.flatnonzero(moved)
+
+    def _open_embedder(self):
+        from .embed import Embedder, EmbedSpec
+
+        spec = EmbedSpec(**self.verify["spec"])
+        self._embedder = Embedder(self.root / self.verify["onnx"], spec, self.device).__enter__()
+        with np.load(self.root / self.verify["prototypes"], allow_pickle=False) as z:
+            self._protos = (z["prototypes"], z["owners"])
+
+    def _verified(self, before, after, crops, changes, cache) -> np.ndarray:
+        if self.verify is None:
+            return after
+        idx = self._checked(before, after)
+        if not len(idx):
+            return after
+        if crops is None:
+            raise ValueError("refinement phase 2 (verify) needs the cell crops")
+        from .embed import class_rank, class_similarity
+
+        with self._lock:
+            if self._embedder is None:
+                self._open_embedder()
+        todo = [i for i in idx if i not in cache]
+        if todo:
+            for i, e in zip(todo, self._embedder(np.asarray(crops)[todo] if isinstance(crops, np.ndarray)
+                                                 else [crops[i] for i in todo])):
+                cache[i] = e
+        sim = class_similarity(np.stack([cache[i] for i in idx]), *self._protos, len(self.classes))
+        ranks = class_rank(sim, after[idx])
+        out = after.copy()
+        for i, r in zip(idx, ranks):
+            changes[i][-1]["embedding_rank"] = int(r)
+            if r > self.verify["rank"]:  # the embedding does not back the rarer class: undo the switch
+                out[i] = before[i]
+                changes[i].append({"phase": "verify", "from": self.classes[after[i]], "to": self.classes[before[i]],
+                                   "embedding_rank": int(r)})
+        return out
+
+    def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.__exit__()
+            self._embedder = None
 
 
 def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
@@ -99,7 +169,7 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     with EnsembleClassifier(bundle) as clf:
         probs = clf.predict(xv)
     config = {k: v for k, v in bundle.extra.get("refine", {}).items() if k != "morphology"}
-    base = Refiner(config, bundle.classes)(probs)[0]
+    base = Refiner(config, bundle.classes, bundle.root)(probs, xv)[0]
     feats, k = morphology_features(xv), range(len(bundle.classes))
     # how close the rare class must be: given, or the best of a small grid on the validation cells
     grid = [close] if close is not None else [CLOSE, 0.5, 0.8]
@@ -116,3 +186,60 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     bundle.extra.setdefault("refine", {})["morphology"] = {**result, "model": model.to_dict()}
     bundle.save()
     return result
+
+
+VERIFY_DIR = "refine"
+
+
+def fit_verification(bundle, proto_data, val_data, source: str = "member", per_class: int = 3,
+                     ranks=(1, 2, 3), progress: bool = False) -> dict:
+    """Phase 2: build the embedder (`source`, see `embed.make_embedder`), fit class prototypes on
+    `proto_data` (training cells), choose the rank on `val_data` and store it in the bundle.
+
+    The rank is chosen with the proposing phases (1 and 3, where fitted) switched on, because those
+    are the switches it vets; it is enabled only if it raises validation macro-F1 over the phases as
+    enabled.
+    """
+    from ... import metrics
+    from ...data.datasets import load_labelled
+    from ..classifier import EnsembleClassifier
+    from .embed import Embedder, fit_prototypes, make_embedder
+
+    k = range(len(bundle.classes))
+    onnx_name, proto_name = f"{VERIFY_DIR}/embed.onnx", f"{VERIFY_DIR}/prototypes.npz"
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = make_embedder(bundle, source, bundle.path(onnx_name), Path(tmp))
+    xp, yp = load_labelled(proto_data, bundle.classes, spec.input_size, spec.interpolation, progress)[:2]
+    with Embedder(bundle.path(onnx_name), spec) as emb:
+        protos, owners = fit_prototypes(emb(xp), yp, len(bundle.classes), per_class)
+    np.savez(bundle.path(proto_name), prototypes=protos, owners=owners)
+
+    xv, yv = labelled(bundle, val_data, progress)
+    with EnsembleClassifier(bundle) as clf:
+        probs = clf.predict(xv)
+    refine = {k_: v for k_, v in bundle.extra.get("refine", {}).items() if k_ != "verify"}
+    forced = {name: {**cfg, "enabled": True} for name, cfg in refine.items()}
+    priors = bundle.extra.get("class_priors")
+    verify = {"onnx": onnx_name, "prototypes": proto_name, "spec": spec.to_dict(), "per_class": per_class,
+              "n_prototypes": int(len(protos)), "direction": "rarer",
+              "priors": [float(priors[c]) for c in bundle.classes] if priors else None,
+              "fitted_on": str(proto_data), "n_fit": int(len(yp)), "checked_on": str(val_data), "n_val": int(len(yv))}
+
+    def score(config, rank=None):
+        cfg = {**config, **({"verify": {**verify, "enabled": True, "rank": rank}} if rank else {})}
+        refiner = Refiner(cfg, bundle.classes, bundle.root)
+        pred, changes = refiner(probs, xv)
+        refiner.close()
+        vetoed = sum(any(c["phase"] == "verify" for c in ch) for ch in changes)
+        return metrics.macro_f1(yv, pred, k), vetoed
+
+    forced_none = score(forced)[0]
+    by_rank = {r: score(forced, r) for r in ranks}
+    rank = max(ranks, key=lambda r: (by_rank[r][0], -r))
+    before, after = score(refine)[0], score(refine, rank)[0]
+    verify.update(rank=rank, enabled=after > before, val_macro_f1_before=before, val_macro_f1_after=after,
+                  val_macro_f1_proposers_on=forced_none,
+                  by_rank={str(r): {"val_macro_f1_proposers_on": f, "vetoed": v} for r, (f, v) in by_rank.items()})
+    bundle.extra.setdefault("refine", {})["verify"] = verify
+    bundle.save()
+    return json.loads(json.dumps({k_: v for k_, v in verify.items() if k_ != "priors"}))
