@@ -6,7 +6,7 @@ import tempfile
 
 from ..bundle import Bundle
 from .surgery import build_member_graph, raw_graph_path
-from .targets import TARGETS
+from .targets import TARGETS, quantizer_for
 
 log = logging.getLogger("wbc_edge.build")
 
@@ -29,22 +29,37 @@ def build_onnx(bundle: Bundle, fuse: bool = False) -> Bundle:
     return bundle
 
 
+def _quantizer(name: str, method: str):
+    """The `quantize_member` of quantiser `name`, resolved before any calibration work: a missing extra
+    or a method the quantiser lacks fails at once, with the fix named."""
+    if name == "modelopt":
+        from ..calibration import modelopt
+
+        modelopt.modelopt_method(method)
+        modelopt.require_modelopt()
+        return modelopt.quantize_member
+    from ..calibration.quantize import quantize_member
+
+    return quantize_member
+
+
 def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, calib_method: str = "minmax",
-                   n_calib: int = 256, max_f1_drop: float = 0.01) -> Bundle:
+                   n_calib: int = 256, max_f1_drop: float = 0.01, quantizer: str = "ort") -> Bundle:
     """Calibrate Q/DQ graphs on real cells, check them against FP32 on ORT CPU, register them as `key`."""
     from ..calibration.check import compare_to_fp32, enforce
-    from ..calibration.quantize import quantize_member
     from ..calibration.reader import calibration_images
 
+    quantize_member = _quantizer(quantizer, calib_method)
     if calib is None:
         raise ValueError(f"{key} needs --calib DIR: real cells to calibrate on")
     images = calibration_images(bundle, calib, n_calib)
+    tag = scheme if quantizer == "ort" else quantizer
     for m in bundle.members:
-        m.artifacts[key] = f"{m.name}.int8-{scheme}.onnx"
+        m.artifacts[key] = f"{m.name}.int8-{tag}.onnx"
         quantize_member(bundle, m, images, m.artifacts[key], calib_method, scheme)
     result = compare_to_fp32(bundle, val or calib, key)
     result.update({"calib_data": str(calib), "val_data": str(val or calib), "n_calib": int(len(images)),
-                   "method": calib_method, "scheme": scheme})
+                   "method": calib_method, "scheme": scheme, "quantizer": quantizer})
     bundle.extra.setdefault("calibration", {})[key] = result
     try:
         enforce(result, max_f1_drop, str(bundle.root))
@@ -56,16 +71,19 @@ def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, 
     return bundle
 
 
-def build_ort_int8(bundle: Bundle, **calib_options) -> Bundle:
+def build_ort_int8(bundle: Bundle, quantizer: str | None = None, **calib_options) -> Bundle:
     """U8S8 Q/DQ for ONNX Runtime on CPUs (fast with VNNI)."""
-    return calibrate_int8(bundle, "ort-int8", "u8s8", **calib_options)
+    return calibrate_int8(bundle, "ort-int8", "u8s8", quantizer=quantizer_for("ort-int8", quantizer),
+                          **calib_options)
 
 
-def build_trt_int8(bundle: Bundle, **calib_options) -> Bundle:
-    """Symmetric S8S8 Q/DQ (what TensorRT accepts), checked on ORT CPU, then the engine on this GPU."""
+def build_trt_int8(bundle: Bundle, quantizer: str | None = None, **calib_options) -> Bundle:
+    """Symmetric S8S8 Q/DQ (what TensorRT accepts; ORT's quantiser or ModelOpt's), checked on ORT CPU, then
+    the engine on this GPU."""
     from .tensorrt import build_trt_int8 as engines
 
-    bundle = calibrate_int8(bundle, "trt-int8-onnx", "s8s8", **calib_options)
+    bundle = calibrate_int8(bundle, "trt-int8-onnx", "s8s8", quantizer=quantizer_for("trt-int8", quantizer),
+                            **calib_options)
     bundle.save()  # the calibrated graph is kept even where no GPU can build the engine
     return engines(bundle, qdq_artifact="trt-int8-onnx")
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# INT8 quantisers: name -> the extra that provides it ("core": always installed)
+QUANTIZERS: dict[str, str] = {"ort": "core", "modelopt": "modelopt"}
+
 
 @dataclass(frozen=True)
 class Target:
@@ -12,14 +15,28 @@ class Target:
     device: str
     needs: str  # the extra to install
     description: str
+    quantizers: tuple[str, ...] = ()  # INT8 targets: who may make its Q/DQ graph; the first is the default
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnx", "onnxruntime", "fp32", "cpu/cuda", "core", "FP32 ONNX, uint8 NHWC input, softmax output"),
-    Target("ort-int8", "onnxruntime", "int8", "cpu", "core", "U8S8 QDQ ONNX calibrated on real cells (VNNI CPUs)"),
+    Target("ort-int8", "onnxruntime", "int8", "cpu", "core",
+           "U8S8 QDQ ONNX calibrated on real cells (VNNI CPUs)", ("ort",)),
     Target("trt-fp16", "tensorrt", "fp16", "cuda", "tensorrt", "TensorRT engine, strongly typed FP16"),
-    Target("trt-int8", "tensorrt", "int8", "cuda", "tensorrt", "TensorRT engine from S8S8 Q/DQ ONNX"),
+    Target("trt-int8", "tensorrt", "int8", "cuda", "tensorrt",
+           "TensorRT engine from S8S8 Q/DQ ONNX (--quantizer ort|modelopt)", ("ort", "modelopt")),
 )}
+
+
+def quantizer_for(target: str, quantizer: str | None) -> str:
+    """The quantiser to use for `target` (its default when None); a clear error where it has none."""
+    allowed = TARGETS[target].quantizers
+    if quantizer is None and allowed:
+        return allowed[0]
+    if quantizer not in allowed:
+        raise ValueError(f"target {target!r} takes quantizer(s) {', '.join(allowed) or 'none'}, "
+                         f"not {quantizer!r}")
+    return quantizer
 
 
 def targets_help() -> str:
