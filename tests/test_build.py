@@ -83,6 +83,13 @@ def test_strip_io_processing_inverts_the_surgery(sample_bundle):
         strip_io_processing(raw)
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_with_a_short_last_batch(bundle_copy, sample_dir, method):
+    """33 cells = one batch of 32 + 1: ORT's histogram calibrators cannot stack a short batch."""
+    b = build(bundle_copy, "ort-int8", calib=sample_dir / "cells", n_calib=40, calib_method=method, max_f1_drop=1.0)
+    assert b.extra["calibration"]["ort-int8"]["method"] == method and b.extra["calibration"]["ort-int8"]["n_calib"] == 33
+
+
 def test_trt_int8_calibrates_a_lint_clean_s8s8_graph_even_without_a_gpu(bundle_copy, sample_dir):
     """The S8S8 Q/DQ graph is produced and checked on CPU; only the engine step needs TensorRT + GPU."""
     from wbc_edge.build.trt_lint import check_trt_compatible, lint_graph

@@ -37,7 +37,8 @@ def quantize_member(bundle: Bundle, member, images, out_name: str, method: str =
         quant_pre_process(str(raw), str(prepped), skip_symbolic_shape=True)  # BN fold + shapes
         opts = dict(SCHEMES[scheme])
         extra = {**opts.pop("extra_options"), "CalibMovingAverage": method == "minmax"}
-        quantize_static(str(prepped), str(qdq), FloatBatchReader(images, bundle), quant_format=QuantFormat.QDQ,
+        reader = FloatBatchReader(images, bundle, equal_batches=method != "minmax")
+        quantize_static(str(prepped), str(qdq), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, calibrate_method=METHODS[method], extra_options=extra, **opts)
         pp = bundle.preprocess
         return build_member_graph(qdq, bundle.path(out_name), pp.mean, pp.std,

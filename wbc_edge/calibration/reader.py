@@ -29,8 +29,13 @@ def calibration_images(bundle: Bundle, data, n: int = 256, seed: int = 0, progre
 class FloatBatchReader(CalibrationDataReader):
     """Feeds normalised float NCHW batches to a raw (pre-surgery) graph's input."""
 
-    def __init__(self, images: np.ndarray, bundle: Bundle, input_name: str = "input", batch: int = 32):
+    def __init__(self, images: np.ndarray, bundle: Bundle, input_name: str = "input", batch: int = 32,
+                 equal_batches: bool = False):
         pp = bundle.preprocess
+        if equal_batches and len(images) > batch:
+            # ORT's histogram calibrators (entropy, percentile) stack every batch's outputs into one array,
+            # which fails on a short last batch: drop the remainder (fewer than `batch` cells)
+            images = images[: len(images) // batch * batch]
         self.batches = [normalise(images[i:i + batch], pp.mean, pp.std) for i in range(0, len(images), batch)]
         self.input_name = input_name
         self.rewind()
