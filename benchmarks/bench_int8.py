@@ -3,7 +3,7 @@
     python -m benchmarks.bench_int8 --bundle data/sample/bundle --calib CALIB --val VAL [--batch 32]
 
 CALIB and VAL are ImageFolders/manifests of real cells; VAL must be held out from training (e.g. the
-`val_split.txt` of the training run turned into a manifest, or data/sample/cells). The bundle is
+`val_split.csv` the trainer writes beside the bundle, or data/sample/cells). The bundle is
 copied; the original is not modified. Writes benchmarks/results/int8.{json,md}.
 """
 from __future__ import annotations

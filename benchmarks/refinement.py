@@ -3,6 +3,9 @@
     python -m benchmarks.refinement --morph TRAIN_CELLS --val VAL_CELLS [--test data/sample/cells]
         [--verify member --verify bundle:OTHER_BUNDLE ...]
 
+With `--test val-half`, VAL is split per class (by path, alternately) into a half that fits and a
+half that tests: a larger held-out set than the repo's 270 sample cells.
+
 Phase 1 (logit offsets) is fitted on VAL; phase 3's morphology models on TRAIN_CELLS and its
 threshold on VAL; phase 2's prototypes (one run per --verify embedder) on TRAIN_CELLS and its rank
 on VAL; every figure below is on TEST, which none of them saw. Writes
@@ -21,7 +24,8 @@ from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
-from wbc_edge.edge.refine.refiner import Refiner, fit_morphology, fit_refinement, fit_verification, labelled
+from wbc_edge.edge.refine.refiner import (Refiner, fit_morphology, fit_refinement, fit_verification, labelled,
+                                          select_phases)
 
 
 def main(argv=None) -> dict:
@@ -29,12 +33,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--bundle", type=Path, default=Path("data/sample/bundle"))
     ap.add_argument("--morph", required=True)
     ap.add_argument("--val", required=True)
-    ap.add_argument("--test", default="data/sample/cells")
+    ap.add_argument("--test", default="data/sample/cells", help="test cells, or 'val-half'")
     ap.add_argument("--verify", action="append", default=None, metavar="SOURCE",
                     help="phase 2 embedder (repeatable; default: member)")
+    ap.add_argument("--name", default="refinement", help="results file name")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        shown = {"val": a.val, "test": a.test}
+        if a.test == "val-half":
+            shown = {"val": f"{a.val} (fit half)", "test": f"{a.val} (test half)"}
+            a.val, a.test = _split_halves(a.val, Path(tmp))
         shutil.copytree(a.bundle, Path(tmp) / "b")
         b = Bundle.load(Path(tmp) / "b")
         boost = fit_refinement(b, a.val)
@@ -49,7 +58,7 @@ def main(argv=None) -> dict:
                     "phases 1+3": on, "as enabled by validation (no phase 2)": full}
         pairs = [tuple(p) for p in morph["pairs"]] or list(DEFAULT_PAIRS)
         rows = [_row(name, cfg, b, probs, x, y, pairs) for name, cfg in variants.items()]
-        verify = {}
+        verify, selected = {}, {}
         for source in a.verify or ["member"]:  # each fit replaces the bundle's embedder: score it right away
             verify[source] = fit_verification(b, a.morph, a.val, source)
             v2 = {**b.extra["refine"]["verify"], "enabled": True}
@@ -57,18 +66,41 @@ def main(argv=None) -> dict:
                 f"phases 1+2 [{source}]": {"boost": on["boost"], "verify": v2},
                 f"phases 2+3 [{source}]": {"morphology": on["morphology"], "verify": v2},
                 f"phases 1+2+3 [{source}]": {**on, "verify": v2},
-                f"as enabled by validation [{source}]": b.extra["refine"]}.items()]
-    checked = "; ".join(f"{k}: rank {v['rank']}, enabled {v['enabled']}" for k, v in verify.items())
-    table = (f"Test cells {a.test} ({len(y)}); phase 1 fitted on {a.val} (enabled by validation: "
-             f"{boost['enabled']}); phase 3 models on {a.morph}, threshold close={morph['close']} on {a.val} "
-             f"(enabled by validation: {morph['enabled']}); phase 2 prototypes on {a.morph}, rank on {a.val} "
+                f"as enabled by validation [{source}]": copy.deepcopy(b.extra["refine"])}.items()]
+            selected[source] = select_phases(b, a.val)
+            rows.append(_row(f"as selected on validation [{source}]", b.extra["refine"], b, probs, x, y, pairs))
+    checked = "; ".join(f"{k}: rank {v['rank']}, enabled {v['enabled']}, phases selected jointly: "
+                        f"{selected[k]['chosen']}" for k, v in verify.items())
+    table = (f"Test cells {shown['test']} ({len(y)}); phase 1 fitted on {shown['val']} (enabled by validation: "
+             f"{boost['enabled']}); phase 3 models on {a.morph}, threshold close={morph['close']} on {shown['val']} "
+             f"(enabled by validation: {morph['enabled']}); phase 2 prototypes on {a.morph}, rank on {shown['val']} "
              f"({checked}). "
              "Pair columns: A->B / B->A errors; switched: cells whose class the refinement changed; vetoed: "
              "switches phase 2 undid.\n\n"
              + markdown_table(rows))
-    write_results("refinement", {"boost": boost, "morphology": morph, "verify": verify, "rows": rows}, table, a.out)
+    write_results(a.name, {"boost": boost, "morphology": morph, "verify": verify, "selected": selected, "rows": rows}, table, a.out)
     print(table)
     return {"rows": rows}
+
+
+def _split_halves(val, tmp: Path) -> tuple[str, str]:
+    import csv
+
+    from wbc_edge.data.datasets import open_dataset
+
+    by_label: dict = {}
+    for smp in open_dataset(val).samples:
+        by_label.setdefault(smp.label, []).append(str(Path(smp.path).resolve()))  # the CSVs live elsewhere
+    halves = ([], [])
+    for label, paths in sorted(by_label.items()):
+        for i, path in enumerate(sorted(paths)):
+            halves[i % 2].append((path, label))
+    names = []
+    for name, rows in zip(("fit", "test"), halves):
+        names.append(str(tmp / f"val_{name}.csv"))
+        with open(names[-1], "w", newline="") as f:
+            csv.writer(f).writerows([("path", "label"), *rows])
+    return names[0], names[1]
 
 
 def _row(name, cfg, b, probs, x, y, pairs) -> dict:

@@ -224,3 +224,49 @@ def test_hf_siglip_embedder_matches_torch(tmp_path, sample_crops):
     np.testing.assert_allclose(got, l2_normalise(ref), atol=1e-4)
     with pytest.raises(EmbedderError, match="no config.json"):
         make_embedder(None, f"hf:{tmp_path}", tmp_path / "e2.onnx", tmp_path)
+
+
+def test_evaluate_and_stream_record_vetoes(bundle_copy, sample_dir, tmp_path):
+    """Phase 2 in the two real paths: offline evaluation and the stream (crops mode)."""
+    from wbc_edge.edge.pipeline import run_stream
+    from wbc_edge.evaluate import evaluate
+
+    b = bundle_copy
+    x = load_labelled(sample_dir / "cells", b.classes, 128)[0]
+    offsets = [0.0] * len(b.classes)
+    offsets[b.classes.index("PMY")] = 50.0  # phase 1 calls everything PMY; phase 2 backs none of it
+    b.extra["refine"] = {"boost": {"enabled": True, "offsets": offsets},
+                         "verify": _verify_config(b, x, False, "PMY", "SNE")}
+    b.extra["refine"]["verify"]["priors"] = [0.5] * len(b.classes)
+    b.extra["refine"]["verify"]["priors"][b.classes.index("PMY")] = 0.01
+    b.save()
+    rep = evaluate(b.root, sample_dir / "cells", tmp_path / "ev", progress=False)
+    raw = evaluate(b.root, sample_dir / "cells", tmp_path / "ev0", progress=False, refine=False)
+    rows = [json.loads(r) for r in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    raw_rows = [json.loads(r) for r in (tmp_path / "ev0" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["pred"] for r in rows] == [r["pred"] for r in raw_rows]  # every switch was undone...
+    moved = [r for r in rows if r.get("refine")]
+    assert len(moved) == sum(r["pred"] != "PMY" for r in raw_rows if r.get("pred"))
+    assert all([c["phase"] for c in r["refine"]] == ["boost", "verify"] for r in moved)  # ...and recorded
+    assert rep["n_refined"] == 0 and rep["macro_f1"] == raw["macro_f1"]
+    summary = run_stream(sample_dir / "cells" / "PMY", b.root, tmp_path / "st", mode="crops")
+    cells = [json.loads(r) for r in (tmp_path / "st" / "cells.jsonl").read_text().splitlines()]
+    assert summary.to_dict()["cells"] == len(cells) > 0
+    assert all(c["pred"] != "PMY" or not c.get("refine") for c in cells)
+    assert any(c.get("refine", [{}])[-1].get("phase") == "verify" for c in cells)
+
+
+def test_select_phases_enables_the_best_subset(bundle_copy, sample_dir):
+    from wbc_edge.edge.refine.refiner import fit_morphology, fit_refinement, select_phases
+
+    b, cells = bundle_copy, sample_dir / "cells"
+    fit_refinement(b, cells)
+    fit_morphology(b, cells, cells, close=0.5)
+    fit_verification(b, cells, cells, "member", per_class=1, ranks=(1,))
+    sel = select_phases(b, cells)
+    assert "verify" not in sel["macro_f1"] and {"none", "boost", "boost+verify+morphology"} <= set(sel["macro_f1"])
+    best = max(sel["macro_f1"].values())
+    assert sel["macro_f1"][sel["chosen"]] == best
+    refine = json.loads(b.manifest_path.read_text())["refine"]
+    chosen = set() if sel["chosen"] == "none" else set(sel["chosen"].split("+"))
+    assert {p for p in ("boost", "verify", "morphology") if refine[p]["enabled"]} == chosen

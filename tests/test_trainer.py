@@ -1,5 +1,6 @@
 """Trainer pieces on hand-computed values and real cells: losses, samplers, frozen stage 2, resume."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,11 @@ def test_resume_gives_the_same_result(tmp_path, sample_dir):
     a = st.load_file(str(straight.path("m0.safetensors")))
     b = st.load_file(str(resumed.path("m0.safetensors")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from wbc_edge.data.datasets import open_dataset
+
+    tr, va = (open_dataset(tmp_path / "a" / f"{n}_split.csv") for n in ("train", "val"))
+    assert len(tr) and len(va) and not {s.path for s in tr.samples} & {s.path for s in va.samples}
+    assert all(Path(s.path).parent.name == s.label for s in tr.samples + va.samples)
 
 
 def test_shipped_configs_load_and_a_typo_in_a_file_is_named(tmp_path):

@@ -171,9 +171,10 @@ def stream(source, bundle, out, mode, crops_flag, views, **opts):
 def refine(bundle, val, morph, verify_source, per_class):
     """Fit BUNDLE's refinement on labelled cells: phase 1 (logit offsets for macro-F1); with --morph,
     phase 3 (morphology models for confusion pairs); with --verify too, phase 2 (embedding prototypes
-    that must back every switch to a rarer class). Each is enabled only if it helps on validation."""
+    that must back every switch to a rarer class). The phases are then switched on or off together:
+    the subset with the best macro-F1 on the validation cells phase 1 was not fitted on."""
     from .bundle import Bundle
-    from .edge.refine.refiner import fit_morphology, fit_refinement, fit_verification
+    from .edge.refine.refiner import fit_morphology, fit_refinement, fit_verification, select_phases
 
     if verify_source and not morph:
         raise click.UsageError("--verify needs --morph (the training cells its prototypes come from)")
@@ -194,6 +195,10 @@ def refine(bundle, val, morph, verify_source, per_class):
         click.echo(f"verify ({verify_source}, {v['n_prototypes']} prototypes): val macro-F1 "
                    f"{v['val_macro_f1_before']:.4f} -> {v['val_macro_f1_after']:.4f} (rank {v['rank']}); "
                    f"{'enabled' if v['enabled'] else 'left disabled (no gain)'}; by rank {v['by_rank']}")
+    if morph:
+        sel = select_phases(b, val)
+        click.echo(f"phases chosen jointly on {sel['n_check']} validation cells: {sel['chosen']} "
+                   f"(macro-F1 {', '.join(f'{k} {v:.4f}' for k, v in sel['macro_f1'].items())})")
 
 
 @main.command()

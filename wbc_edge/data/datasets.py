@@ -126,7 +126,8 @@ def load_labelled(source, classes, size: int | None, interpolation: str = "area"
     ds = open_dataset(source).filter_classes(classes)
     x, kept, errors = ds.load(size, interpolation, progress=progress)
     if not len(kept):
-        raise ValueError(f"{source}: no readable images with a label among {list(classes)}")
+        why = f" ({len(errors)} unreadable, e.g. {errors[0].path}: {errors[0].reason})" if errors else ""
+        raise ValueError(f"{source}: no readable images with a label among {list(classes)}{why}")
     return x, np.asarray([list(classes).index(ds.samples[i].label) for i in kept], np.int64), errors
 
 

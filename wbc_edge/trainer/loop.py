@@ -60,6 +60,19 @@ def select_dataset(source, cfg: TrainConfig, classes=None, exclude: bool = True)
     return ds
 
 
+def write_split_manifests(out: Path, pool: Pool, train_idx, val_idx) -> None:
+    """train_split.csv / val_split.csv (path,label): the cells each member saw and the held-out ones,
+    as manifests that `wbc-edge refine`, `build --calib/--val` and the benchmarks read directly. Paths
+    are relative to the manifest's folder, as manifests are read."""
+    import csv
+
+    base = Path(out).resolve()
+    for name, idx in (("train_split.csv", train_idx), ("val_split.csv", val_idx)):
+        with open(out / name, "w", newline="") as f:
+            csv.writer(f).writerows([("path", "label"), *((os.path.relpath(Path(pool.paths[i]).resolve(), base),
+                                                           pool.classes[pool.y[i]]) for i in idx)])
+
+
 def load_pool(source, cfg: TrainConfig, size: int, classes=None) -> Pool:
     ds = select_dataset(source, cfg, classes)
     classes = list(ds.classes)
@@ -358,7 +371,7 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                                                fold=k if cfg.folds > 1 else None))
             history += hist
             if va is not None and k == 0 and arch == archs[0]:
-                (out / "val_split.txt").write_text("\n".join(pool.paths[i] for i in va) + "\n")
+                write_split_manifests(out, pool, tr, va)
     plot_learning_curve(history, out / "learning_curve.png")
     priors = np.bincount(pool.y, minlength=len(pool.classes)) / len(pool.y)
     # the kept model is the last stage's best epoch (or tau-norm's row): report that, not an earlier stage

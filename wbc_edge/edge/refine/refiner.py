@@ -129,9 +129,7 @@ def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
         probs = clf.predict(x)
     # Fit on one half of the validation cells, check on the other: offsets tuned for macro-F1 overfit
     # easily, and a phase that does not help on cells it was not fitted on stays off.
-    half = np.zeros(len(y), bool)
-    for c in np.unique(y):
-        half[np.flatnonzero(y == c)[::2]] = True
+    half = fit_half(y)
     offsets, fit = fit_offsets(probs[half], y[half])
     from ... import metrics
 
@@ -143,6 +141,14 @@ def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
     bundle.extra.setdefault("refine", {})["boost"] = boost
     bundle.save()
     return json.loads(json.dumps(boost))
+
+
+def fit_half(y: np.ndarray) -> np.ndarray:
+    """Every other cell of each class: the half phase 1 is fitted on (the rest checks it)."""
+    half = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        half[np.flatnonzero(y == c)[::2]] = True
+    return half
 
 
 def labelled(bundle, data, progress: bool = False):
@@ -243,3 +249,41 @@ def fit_verification(bundle, proto_data, val_data, source: str = "member", per_c
     bundle.extra.setdefault("refine", {})["verify"] = verify
     bundle.save()
     return json.loads(json.dumps({k_: v for k_, v in verify.items() if k_ != "priors"}))
+
+
+PHASES = ("boost", "verify", "morphology")
+
+
+def select_phases(bundle, val_data, progress: bool = False) -> dict:
+    """Enable the subset of the fitted phases that scores best on the validation cells phase 1 was not
+    fitted on (ties: fewer phases). Phases are fitted one at a time; they interact (phase 2 only
+    vets what 1 and 3 propose), so the final on/off choice is made jointly."""
+    from itertools import combinations
+
+    from ... import metrics
+
+    refine = bundle.extra.get("refine", {})
+    fitted = [p for p in PHASES if p in refine]
+    x, y = labelled(bundle, val_data, progress)
+    from ..classifier import EnsembleClassifier
+
+    with EnsembleClassifier(bundle) as clf:
+        probs = clf.predict(x)
+    check = ~fit_half(y) if "boost" in fitted else np.ones(len(y), bool)
+    x, y, probs = x[check], y[check], probs[check]
+    scores = {}
+    for n in range(len(fitted) + 1):
+        for subset in combinations(fitted, n):
+            if subset == ("verify",):
+                continue  # vets switches, proposes none: the same as no refinement
+            cfg = {p: {**refine[p], "enabled": p in subset} for p in fitted}
+            refiner = Refiner(cfg, bundle.classes, bundle.root)
+            pred = refiner(probs, x)[0] if subset else probs.argmax(1)
+            refiner.close()
+            scores["+".join(subset) or "none"] = metrics.macro_f1(y, pred, range(len(bundle.classes)))
+    best = max(scores, key=lambda k: (round(scores[k], 9), -len(k.split("+")) if k != "none" else 1))
+    for p in fitted:
+        refine[p]["enabled"] = p in best.split("+")
+    refine["selection"] = {"checked_on": str(val_data), "n_check": int(len(y)), "macro_f1": scores, "chosen": best}
+    bundle.save()
+    return refine["selection"]
