@@ -90,6 +90,6 @@ def test_refinement_quick(tmp_path, sample_dir):
     cells = str(sample_dir / "cells")
     res = refinement.main(["--morph", cells, "--val", cells, "--test", cells, "--out", str(tmp_path)])
     names = [r["variant"] for r in res["rows"]]
-    assert names[0] == "ensemble only" and len(names) == 9 and "phases 1+2+3 [member]" in names
+    assert names[0] == "ensemble only" and len(names) == 10 and "as selected on validation [member]" in names
     data = _payload(tmp_path, "refinement")
     assert data["morphology"]["pairs"] and data["verify"]["member"]["n_prototypes"]

@@ -1,4 +1,6 @@
 """Salt-and-pepper detector and adaptive-median restorer on real PBC cells."""
+import pathlib
+
 import cv2
 import numpy as np
 import pytest
@@ -94,3 +96,54 @@ def test_psnr_and_ssim_behave(cells):
     assert 1.0 > quality.ssim(a, noisy) > quality.ssim(a, noisier) > 0
     mse = np.mean((a.astype(float) - noisy) ** 2)
     assert quality.psnr(a, noisy) == pytest.approx(10 * np.log10(255 ** 2 / mse))
+
+
+def _noisy_folder(sample_dir, root, classes, severity=3):
+    """The sample cells with salt-and-pepper noise, saved losslessly (PNG keeps the impulses)."""
+    ds = from_image_folder(sample_dir / "cells", classes)
+    x, kept, _ = ds.load(None, progress=False)
+    rng = np.random.default_rng(7)
+    for img, i in zip(x, kept):
+        noisy = apply(img[None], "salt_pepper", severity, rng)[0]
+        out = root / ds.samples[i].label / (pathlib.Path(ds.samples[i].path).stem + ".png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), cv2.cvtColor(noisy, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def test_bundle_guard_restores_noisy_cells_in_evaluate_and_stream(tmp_path, sample_dir, sample_bundle):
+    """The shipped bundle asks for impulse restoration: noisy cells are restored (and say so) before
+    the resize, so their predictions return to the clean ones; clean cells are never touched."""
+    import json
+    import shutil
+
+    from wbc_edge.bundle import Bundle
+    from wbc_edge.edge.pipeline import run_stream
+    from wbc_edge.evaluate import evaluate
+
+    b = Bundle.load(sample_bundle)
+    assert quality.ImpulseGuard.for_bundle(b) is not None
+    noisy = _noisy_folder(sample_dir, tmp_path / "noisy", b.classes)
+    off = tmp_path / "off"
+    shutil.copytree(sample_bundle, off)
+    ob = Bundle.load(off)
+    ob.extra["quality"]["restore_impulse"] = False
+    ob.save()
+    assert quality.ImpulseGuard.for_bundle(ob) is None
+
+    def preds(bundle, data, name):
+        evaluate(bundle, data, tmp_path / name, progress=False, refine=False)
+        rows = [json.loads(r) for r in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        return {pathlib.Path(r["path"]).stem: r for r in rows}
+
+    clean, guarded, raw = preds(sample_bundle, sample_dir / "cells", "c"), preds(sample_bundle, noisy, "g"), \
+        preds(off, noisy, "r")
+    assert not any(r.get("restored") for r in clean.values())
+    assert all(r.get("restored") == "impulse_noise" for r in guarded.values()) and len(guarded) == 270
+    assert not any(r.get("restored") for r in raw.values())
+    agree = {name: np.mean([rows[k]["pred"] == clean[k]["pred"] for k in rows]) for name, rows in
+             (("guarded", guarded), ("raw", raw))}
+    assert agree["guarded"] > agree["raw"] and agree["guarded"] >= 0.97, agree
+    run_stream(noisy / "PMY", sample_bundle, tmp_path / "st", mode="crops")
+    cells = [json.loads(r) for r in (tmp_path / "st" / "cells.jsonl").read_text().splitlines()]
+    assert len(cells) == 30 and all(c.get("restored") == "impulse_noise" for c in cells)

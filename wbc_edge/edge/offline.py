@@ -12,16 +12,24 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import CellDataset
 from .classifier import EnsembleClassifier
+from .preprocess import resize_batch
+from .quality import ImpulseGuard
 
 
-def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str):
-    """(resized batch or None, dataset indices of its rows, error rows by dataset index)."""
+def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str, guard=None):
+    """(resized batch or None, dataset indices of its rows, error rows by dataset index, which rows
+    the impulse guard restored). With a guard, images are read at native size, guarded, then resized."""
     idx = list(idx)
-    batch, kept, errors = ds.subset(idx).load(size, interpolation, progress=False)
+    batch, kept, errors = ds.subset(idx).load(None if guard else size, interpolation, progress=False)
+    restored = np.zeros(len(kept), bool)
+    if guard is not None and len(kept):
+        guarded = [guard(im) for im in batch]
+        restored[:] = [r for _, r in guarded]
+        batch = resize_batch([im for im, _ in guarded], size, interpolation)
     by_path = {ds.samples[i].path: i for i in idx}
     rows = {by_path[e.path]: {"path": e.path, "label": ds.samples[by_path[e.path]].label, "pred": None,
                               "error": e.reason} for e in errors}
-    return (batch if len(kept) else None), [idx[k] for k in kept], rows
+    return (batch if len(kept) else None), [idx[k] for k in kept], rows, restored
 
 
 def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int = 64, top_k: int = 3,
@@ -29,10 +37,11 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
     """Yield one row per sample, in dataset order (refined, with the changes recorded, if a refiner is given)."""
     classes = clf.bundle.classes
     pp = clf.bundle.preprocess
+    guard = ImpulseGuard.for_bundle(clf.bundle)
     bar = tqdm(total=len(ds), desc="classifying", unit="cell", disable=not progress)
     for start in range(0, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
-        batch, ok, rows = _read_chunk(ds, idx, pp.input_size, pp.interpolation)
+        batch, ok, rows, restored = _read_chunk(ds, idx, pp.input_size, pp.interpolation, guard)
         if batch is not None:
             probs = clf.predict(batch)
             final, changes = refiner(probs, batch) if refiner is not None and refiner.active \
@@ -44,6 +53,8 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
                            "top_k": [[classes[j], round(float(p[j]), 6)] for j in top], "probs": p}
                 if changes and changes[n]:
                     rows[i].update(pred_raw=changes[n][0]["from"], refine=changes[n])
+                if restored[n]:
+                    rows[i]["restored"] = "impulse_noise"
         for i in idx:
             yield rows[i]
         bar.update(len(idx))

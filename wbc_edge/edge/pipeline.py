@@ -32,6 +32,7 @@ from ..taxonomy import RARE_CODES
 from . import tta
 from .classifier import EnsembleClassifier
 from .preprocess import resize_batch
+from .quality import ImpulseGuard
 from .sinks import (
     AnnotatedFrames,
     CsvCells,
@@ -129,6 +130,9 @@ class CellLabeller:
         for row, ch in zip(rows, changes or []):
             if ch:  # the refinement moved this cell: keep the ensemble's class and how it changed
                 row.update(pred_raw=ch[0]["from"], refine=ch)
+        if frame.restored:
+            for row in rows:
+                row["restored"] = "impulse_noise"
         return rows
 
     def _row(self, base: dict, i: int, box, p: np.ndarray, k: int) -> dict:
@@ -158,8 +162,9 @@ class Pipeline:
     def __init__(self, source: Source, clf: EnsembleClassifier, sinks: list[Sink], labeller: CellLabeller,
                  crop_size: int, margin: float | None = None, localiser_config=None, max_batch: int = 64,
                  max_delay_ms: float = 20.0, workers: int = 1, keep_images: bool = False,
-                 on_progress: Callable[[dict], None] | None = None, localiser=None):
+                 on_progress: Callable[[dict], None] | None = None, localiser=None, guard=None):
         self.source, self.clf, self.sinks, self.labeller = source, clf, sinks, labeller
+        self.guard = guard  # the bundle's impulse-noise restoration, on each frame/crop at native size
         self.crops_mode = source.kind == "crops"
         self.crop_size, self.margin, self.keep_images = crop_size, margin, keep_images
         self.loc = None if self.crops_mode else (localiser or _load_localiser())
@@ -239,6 +244,10 @@ class Pipeline:
         empty = np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8)
         if frame.image is None:
             return _Located(frame, [], empty)
+        if self.guard is not None:
+            t0 = time.perf_counter()
+            frame.image, frame.restored = self.guard(frame.image)
+            self.times.add("restore", time.perf_counter() - t0)
         if self.crops_mode:  # the image is the cell: only resize it
             t0 = time.perf_counter()
             crops = resize_batch([frame.image], self.crop_size)
@@ -509,7 +518,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pipe = Pipeline(src, clf, sinks, labeller, crop_size or _crop_size(src, bundle), margin,
                         localiser_config, max_batch, max_delay_ms, workers, keep_images=annotate,
-                        on_progress=on_progress, localiser=localiser)
+                        on_progress=on_progress, localiser=localiser, guard=ImpulseGuard.for_bundle(bundle))
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
                 "load_s": round(time.perf_counter() - t_load, 3)}

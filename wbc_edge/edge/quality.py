@@ -119,6 +119,32 @@ def restore(batch: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> tuple[np
     return out, fired
 
 
+class ImpulseGuard:
+    """The ingest step for salt-and-pepper noise, as the bundle configures it (`quality` section):
+    run on each source image (a cell crop or a whole frame) at its native resolution, before any
+    resize would smear the impulses into plausible colours. Clean images pass bit-identical."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+        self.threshold = float(threshold)
+
+    @classmethod
+    def for_bundle(cls, bundle) -> "ImpulseGuard | None":
+        q = bundle.extra.get("quality") or {}
+        return cls(q.get("impulse_threshold", DEFAULT_THRESHOLD)) if q.get("restore_impulse") else None
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(the image, restored if it carried impulse noise; whether it did)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
+        out, fired = restore(image[None], self.threshold)
+        return out[0], bool(fired[0])
+
+
+def bundle_quality(threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """The `quality` section a new bundle gets: impulse restoration on, with this threshold."""
+    return {"restore_impulse": True, "impulse_threshold": threshold}
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of uint8 images, in dB (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))

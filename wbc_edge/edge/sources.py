@@ -40,6 +40,7 @@ class Frame:
     t_start: float = 0.0  # perf_counter() when reading began: per-frame latency is measured from here
     decode_s: float = 0.0  # seconds spent reading + decoding this frame
     pos: int | None = None  # frame number inside a video / stream (None for files)
+    restored: bool = False  # the impulse guard removed salt-and-pepper noise from `image`
 
 
 class Source:

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._optional import require
+from ..edge.quality import bundle_quality
 from ..bundle import Bundle, Member, Preprocess
 from ..data.datasets import open_dataset
 from ..data.splits import kfold_indices, train_val_split
@@ -385,7 +386,8 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
     bundle = Bundle(out, list(pool.classes), pp, members,
                     {"tta": {"views": list(cfg.tta_views)}, "training": summary,
                      "stain": stain_record(reference, cfg.stain_normalise),
-                     "class_priors": dict(zip(pool.classes, map(float, priors)))})
+                     "class_priors": dict(zip(pool.classes, map(float, priors))),
+                     "quality": bundle_quality()})
     bundle.save()
     return bundle
 
