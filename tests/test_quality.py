@@ -25,6 +25,26 @@ def test_stored_threshold_still_separates_clean_from_noisy_real_cells(cells):
     assert sep["clean_max"] < quality.DEFAULT_THRESHOLD < sep["noisy_min"]
 
 
+def _statistic_with_opencv(batch):
+    """The detector statistic written the obvious way: a full 3x3 median filter per image."""
+    out = []
+    for im in batch:
+        far = np.abs(im.astype(np.int16) - cv2.medianBlur(im, 3)) > quality.IMPULSE_DIFF
+        out.append(np.any(((im == 0) | (im == 255)) & far, axis=2).mean())
+    return np.array(out)
+
+
+def test_detector_statistic_equals_the_opencv_median_version(cells):
+    sub = cells[::9]
+    rng = np.random.default_rng(3)
+    cases = [sub] + [apply(sub, k, 4, rng) for k in KINDS] + [apply(sub, "salt_pepper", s, rng) for s in SEVERITIES]
+    edge = np.zeros((3, 7, 5, 3), np.uint8)
+    edge[1] = 255  # saturated everywhere: no impulse
+    edge[2, 0, 0], edge[2, 6, 4, 1], edge[2, 3, 2, 2] = 255, 255, 255  # corners (replicated border) and centre
+    for batch in cases + [edge]:
+        np.testing.assert_array_equal(quality.impulse_fraction(batch), _statistic_with_opencv(batch))
+
+
 def test_detector_precision_and_recall_on_real_cells(cells):
     sub = cells[::3]
     assert not quality.detect(sub).any()

@@ -27,14 +27,53 @@ DEFAULT_THRESHOLD = 4.4e-4
 _CLEAN_FLOOR = 1e-4  # a clean image may hold a few genuinely saturated, isolated pixels
 
 
+@njit(cache=True)
+def _median3(img, y, x, c, buf):
+    """3x3 median of channel c around (y, x), borders replicated (as cv2.medianBlur does)."""
+    h, w = img.shape[0], img.shape[1]
+    n = 0
+    for dy in (-1, 0, 1):
+        yy = min(max(y + dy, 0), h - 1)
+        for dx in (-1, 0, 1):
+            v = img[yy, min(max(x + dx, 0), w - 1), c]
+            j = n
+            while j > 0 and buf[j - 1] > v:
+                buf[j] = buf[j - 1]
+                j -= 1
+            buf[j] = v
+            n += 1
+    return buf[4]
+
+
+@njit(cache=True)
+def _impulse_rows(im, diff, counts):
+    # one thread: a scan is well under a millisecond, and the stream's other stages own the cores
+    h, w, ch = im.shape
+    for y in range(h):
+        buf = np.empty(9, np.uint8)
+        k = 0
+        for x in range(w):
+            for c in range(ch):
+                z = im[y, x, c]
+                # the median is needed only at 0/255 values, which are rare in real images
+                if (z == 0 or z == 255) and abs(np.int16(z) - np.int16(_median3(im, y, x, c, buf))) > diff:
+                    k += 1
+                    break  # a pixel counts once, whichever channel fired
+        counts[y] = k
+
+
 def impulse_fraction(batch: np.ndarray) -> np.ndarray:
-    """Detector statistic per image (B,): the fraction of pixels that look like impulses."""
+    """Detector statistic per image (B,): the fraction of pixels that look like impulses.
+
+    The same statistic as `np.any(extreme & (|im - cv2.medianBlur(im, 3)| > IMPULSE_DIFF), axis=2).mean()`
+    (tests check it), but a Numba kernel that takes the median only at the 0/255 values: a 640x480
+    frame costs a scan, not a full median filter (5.7 ms with OpenCV).
+    """
     out = np.empty(len(batch))
-    for i, im in enumerate(batch):  # cv2.medianBlur works per image and is the fastest 3x3 median on CPU
-        med = cv2.medianBlur(im, 3)
-        extreme = (im == 0) | (im == 255)
-        far = np.abs(im.astype(np.int16) - med) > IMPULSE_DIFF
-        out[i] = np.any(extreme & far, axis=2).mean()
+    for i, im in enumerate(batch):
+        counts = np.empty(im.shape[0], np.int64)
+        _impulse_rows(np.ascontiguousarray(im), IMPULSE_DIFF, counts)
+        out[i] = counts.sum() / (im.shape[0] * im.shape[1])
     return out
 
 
@@ -126,6 +165,7 @@ class ImpulseGuard:
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
         self.threshold = float(threshold)
+        impulse_fraction(np.zeros((1, 3, 3, 3), np.uint8))  # load the compiled detector now, not on frame 1
 
     @classmethod
     def for_bundle(cls, bundle) -> "ImpulseGuard | None":
