@@ -43,6 +43,20 @@ def test_detector_statistic_equals_the_opencv_median_version(cells):
     edge[2, 0, 0], edge[2, 6, 4, 1], edge[2, 3, 2, 2] = 255, 255, 255  # corners (replicated border) and centre
     for batch in cases + [edge]:
         np.testing.assert_array_equal(quality.impulse_fraction(batch), _statistic_with_opencv(batch))
+        assert (quality.extreme_bound(batch) >= quality.impulse_fraction(batch)).all()  # the pre-check's bound
+
+
+def test_clean_frames_never_load_numba(sample_dir):
+    """The guard runs on every streamed frame; on clean ones it must stay a NumPy pre-check."""
+    import subprocess
+    import sys
+
+    frame = next((sample_dir / "frames").rglob("*.jpg"))
+    code = ("import sys; from wbc_edge.data.images import read_image; from wbc_edge.edge.quality import ImpulseGuard; "
+            f"im = read_image({str(frame)!r}); out, fired = ImpulseGuard()(im); "
+            "assert not fired and (out == im).all(); print('numba' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
 
 
 def test_detector_precision_and_recall_on_real_cells(cells):
