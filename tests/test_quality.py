@@ -34,7 +34,9 @@ def _statistic_with_opencv(batch):
     return np.array(out)
 
 
-def test_detector_statistic_equals_the_opencv_median_version(cells):
+@pytest.mark.parametrize("sparse_max", [0.0, 1.0])  # every image through the Numba scan / the NumPy gather
+def test_detector_statistic_equals_the_opencv_median_version(cells, monkeypatch, sparse_max):
+    monkeypatch.setattr(quality, "SPARSE_MAX", sparse_max)
     sub = cells[::9]
     rng = np.random.default_rng(3)
     cases = [sub] + [apply(sub, k, 4, rng) for k in KINDS] + [apply(sub, "salt_pepper", s, rng) for s in SEVERITIES]
