@@ -169,17 +169,22 @@ def stream(source, bundle, out, mode, crops_flag, views, **opts):
 @click.option("--prototypes", "per_class", type=click.IntRange(1, 32), default=3, show_default=True,
               help="phase 2 prototypes per class (k-means)")
 def refine(bundle, val, morph, verify_source, per_class):
-    """Fit BUNDLE's refinement on labelled cells: phase 1 (logit offsets for macro-F1); with --morph,
+    """Fit BUNDLE's confidence temperature and refinement on labelled cells: the temperature (validation
+    NLL; the class never changes, only its probability), phase 1 (logit offsets for macro-F1); with --morph,
     phase 3 (morphology models for confusion pairs); with --verify too, phase 2 (embedding prototypes
     that must back every switch to a rarer class). The phases are then switched on or off together:
     the subset with the best macro-F1 on the validation cells phase 1 was not fitted on."""
     from .bundle import Bundle
+    from .edge.confidence import fit_bundle_temperature
     from .edge.refine.refiner import fit_morphology, fit_refinement, fit_verification, select_phases
 
     if verify_source and not morph:
         raise click.UsageError("--verify needs --morph (the training cells its prototypes come from)")
 
     b = Bundle.load(bundle)
+    t = fit_bundle_temperature(b, val, progress=True)  # first: the phases are fitted on calibrated probabilities
+    click.echo(f"confidence: temperature {t['temperature']} (fitted {t['fitted_temperature']:.3f}); validation "
+               f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}, ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}")
     boost = fit_refinement(b, val, progress=True)
     state = "enabled" if boost["enabled"] else "left disabled (no gain)"
     click.echo(f"boost: fit half {boost['macro_f1_before']:.4f} -> {boost['macro_f1_after']:.4f}, check half "

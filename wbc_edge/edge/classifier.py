@@ -5,6 +5,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from . import tta
+from .confidence import apply_temperature
 from .preprocess import resize_batch
 from .runners import Runner, open_runner
 from .stain import StainReference, normalise_batch
@@ -15,8 +16,10 @@ class EnsembleClassifier:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
                  precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
-                 artifact: str | None = None, fused: bool = True):
+                 artifact: str | None = None, fused: bool = True, calibrated: bool = True):
         self.bundle, self.device, self.precision = bundle, device, precision
+        # the bundle's confidence temperature (1: none); calibrated=False gives the raw ensemble mean
+        self.temperature = float((bundle.extra.get("confidence") or {}).get("temperature", 1.0)) if calibrated else 1.0
         self.artifact = artifact or (None if precision == "fp32" else f"ort-{precision}")
         # one engine call for the whole ensemble when the bundle has a fused FP32 graph
         self.fused = fused and self.artifact is None and "fused" in bundle.extra
@@ -63,8 +66,10 @@ class EnsembleClassifier:
         if self.stain is not None:  # the model was trained on normalised cells: same step, same reference
             batch = normalise_batch(batch, self.stain)[0]
         chunk = max(1, self.max_batch // len(self.views))
-        return np.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]) \
-            if len(batch) else np.zeros((0, len(self.bundle.classes)), np.float32)
+        if not len(batch):
+            return np.zeros((0, len(self.bundle.classes)), np.float32)
+        probs = np.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)])
+        return probs if self.temperature == 1.0 else apply_temperature(probs, self.temperature)
 
     def _predict_chunk(self, batch: np.ndarray) -> np.ndarray:
         views = tta.expand(batch, self.views)
