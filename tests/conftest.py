@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,11 @@ def sample_bundle() -> Path:
     path = SAMPLE / "bundle"
     assert (path / "manifest.json").is_file(), "the repo must ship data/sample/bundle"
     return path
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, sample_bundle) -> Path:
+    """A private copy of the shipped bundle (without built INT8 graphs) that a test may change."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(sample_bundle, dst, ignore=shutil.ignore_patterns("*.int8*"))
+    return dst

@@ -13,13 +13,6 @@ from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.runners import OrtRunner, RunnerError
 
 
-@pytest.fixture
-def bundle_copy(tmp_path, sample_bundle):
-    dst = tmp_path / "bundle"
-    shutil.copytree(sample_bundle, dst, ignore=shutil.ignore_patterns("*.int8*"))
-    return dst
-
-
 def test_onnx_target_rebuilds_the_same_graph(bundle_copy, sample_dir):
     before = Bundle.load(bundle_copy)
     x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 11)).load(before.preprocess.input_size,

@@ -3,7 +3,6 @@
 Without the package: the error names the extra (a real import failure, in a subprocess where `modelopt`
 cannot be imported). With it: a real quantisation of the shipped member graph, checked on ORT CPU.
 """
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -16,13 +15,6 @@ from wbc_edge._optional import available
 from wbc_edge.build.builder import build, calibrate_int8
 from wbc_edge.bundle import Bundle
 from wbc_edge.cli import main
-
-
-@pytest.fixture
-def bundle_copy(tmp_path, sample_bundle):
-    dst = tmp_path / "bundle"
-    shutil.copytree(sample_bundle, dst, ignore=shutil.ignore_patterns("*.int8*"))
-    return dst
 
 
 def test_missing_modelopt_names_the_extra(bundle_copy, sample_dir):

@@ -1,6 +1,5 @@
 """Refinement phase 2: embedders cut from real graphs, prototypes, and the veto of unbacked switches."""
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -19,9 +18,8 @@ from wbc_edge.edge.refine.refiner import Refiner, fit_verification
 
 
 @pytest.fixture
-def bundle_copy(tmp_path, sample_bundle):
-    shutil.copytree(sample_bundle, tmp_path / "bundle")
-    return Bundle.load(tmp_path / "bundle")
+def bundle(bundle_copy):
+    return Bundle.load(bundle_copy)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +101,8 @@ def _verify_config(b, crops, backed: bool, rare: str, common: str, tmp_name="v")
 
 
 @pytest.mark.parametrize("backed", [True, False])
-def test_verify_keeps_backed_switches_and_undoes_the_others(bundle_copy, sample_crops, backed):
-    b, n = bundle_copy, len(sample_crops)
+def test_verify_keeps_backed_switches_and_undoes_the_others(bundle, sample_crops, backed):
+    b, n = bundle, len(sample_crops)
     rare, common = "PMY", "SNE"
     offsets = np.zeros(len(b.classes))
     offsets[b.classes.index(rare)] = 50.0  # phase 1 proposes `rare` for every cell
@@ -131,8 +129,8 @@ def test_verify_keeps_backed_switches_and_undoes_the_others(bundle_copy, sample_
     assert (pred == b.classes.index(common)).all() and all(len(c) == 1 for c in changes)
 
 
-def test_verify_needs_its_bundle_and_the_crops(bundle_copy, sample_crops):
-    b = bundle_copy
+def test_verify_needs_its_bundle_and_the_crops(bundle, sample_crops):
+    b = bundle
     cfg = {"boost": {"enabled": True, "offsets": [0, 0, 0, 0, 0, 0, 0, 50.0, 0]},
            "verify": _verify_config(b, sample_crops, True, "PMY", "SNE")}
     with pytest.raises(ValueError, match="needs the bundle directory"):
@@ -143,8 +141,8 @@ def test_verify_needs_its_bundle_and_the_crops(bundle_copy, sample_crops):
         Refiner(cfg, b.classes, b.root)(probs)
 
 
-def test_fit_verification_stores_a_checksummed_embedder(bundle_copy, sample_dir):
-    b = bundle_copy
+def test_fit_verification_stores_a_checksummed_embedder(bundle, sample_dir):
+    b = bundle
     res = fit_verification(b, sample_dir / "cells", sample_dir / "cells", "member", per_class=2, ranks=(1, 2))
     saved = json.loads(b.manifest_path.read_text())["refine"]["verify"]
     assert saved["enabled"] == res["enabled"] == (res["val_macro_f1_after"] > res["val_macro_f1_before"])
@@ -226,12 +224,12 @@ def test_hf_siglip_embedder_matches_torch(tmp_path, sample_crops):
         make_embedder(None, f"hf:{tmp_path}", tmp_path / "e2.onnx", tmp_path)
 
 
-def test_evaluate_and_stream_record_vetoes(bundle_copy, sample_dir, tmp_path):
+def test_evaluate_and_stream_record_vetoes(bundle, sample_dir, tmp_path):
     """Phase 2 in the two real paths: offline evaluation and the stream (crops mode)."""
     from wbc_edge.edge.pipeline import run_stream
     from wbc_edge.evaluate import evaluate
 
-    b = bundle_copy
+    b = bundle
     x = load_labelled(sample_dir / "cells", b.classes, 128)[0]
     offsets = [0.0] * len(b.classes)
     offsets[b.classes.index("PMY")] = 50.0  # phase 1 calls everything PMY; phase 2 backs none of it
@@ -256,10 +254,10 @@ def test_evaluate_and_stream_record_vetoes(bundle_copy, sample_dir, tmp_path):
     assert any(c.get("refine", [{}])[-1].get("phase") == "verify" for c in cells)
 
 
-def test_select_phases_enables_the_best_subset(bundle_copy, sample_dir):
+def test_select_phases_enables_the_best_subset(bundle, sample_dir):
     from wbc_edge.edge.refine.refiner import fit_morphology, fit_refinement, select_phases
 
-    b, cells = bundle_copy, sample_dir / "cells"
+    b, cells = bundle, sample_dir / "cells"
     fit_refinement(b, cells)
     fit_morphology(b, cells, cells, close=0.5)
     fit_verification(b, cells, cells, "member", per_class=1, ranks=(1,))
