@@ -174,6 +174,7 @@ def test_bundle_guard_restores_noisy_cells_in_evaluate_and_stream(tmp_path, samp
 
     clean, guarded, raw = preds(sample_bundle, sample_dir / "cells", "c"), preds(sample_bundle, noisy, "g"), \
         preds(off, noisy, "r")
+    assert json.loads((tmp_path / "g" / "metrics.json").read_text())["n_restored"] == 270
     assert not any(r.get("restored") for r in clean.values())
     assert all(r.get("restored") == "impulse_noise" for r in guarded.values()) and len(guarded) == 270
     assert not any(r.get("restored") for r in raw.values())

@@ -46,6 +46,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
                    "n_refined": sum(1 for r in scored if r.get("pred_raw", r["pred"]) != r["pred"]),
                    "views": clf.views, "n_inputs": len(rows), "n_scored": len(scored),
                    "n_unreadable": sum(1 for r in rows if r.get("error")),
+                   "n_restored": sum(1 for r in rows if r.get("restored")),
                    "n_unknown_label": sum(1 for r in rows if r.get("note")),
                    "ece": metrics.expected_calibration_error(probs, y_idx),
                    "unreadable": [{"path": r["path"], "reason": r["error"]} for r in rows if r.get("error")]})
