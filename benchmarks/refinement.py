@@ -6,7 +6,7 @@
 With `--test val-half`, VAL is split per class (by path, alternately) into a half that fits and a
 half that tests: a larger held-out set than the repo's 270 sample cells.
 
-Phase 1 (logit offsets) is fitted on VAL; phase 3's morphology models on TRAIN_CELLS and its
+The confidence temperature and phase 1 (logit offsets) are fitted on VAL; phase 3's morphology models on TRAIN_CELLS and its
 threshold on VAL; phase 2's prototypes (one run per --verify embedder) on TRAIN_CELLS and its rank
 on VAL; every figure below is on TEST, which none of them saw. Writes
 benchmarks/results/refinement.{json,md}.
@@ -23,6 +23,7 @@ from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.classifier import EnsembleClassifier
+from wbc_edge.edge.confidence import fit_bundle_temperature
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
 from wbc_edge.edge.refine.refiner import (Refiner, fit_morphology, fit_refinement, fit_verification, labelled,
                                           select_phases)
@@ -46,6 +47,7 @@ def main(argv=None) -> dict:
             a.val, a.test = _split_halves(a.val, Path(tmp))
         shutil.copytree(a.bundle, Path(tmp) / "b")
         b = Bundle.load(Path(tmp) / "b")
+        temperature = fit_bundle_temperature(b, a.val)  # as `wbc-edge refine` does: first, on the fitting cells
         boost = fit_refinement(b, a.val)
         morph = fit_morphology(b, a.morph, a.val)
         x, y = labelled(b, a.test)
@@ -71,14 +73,15 @@ def main(argv=None) -> dict:
             rows.append(_row(f"as selected on validation [{source}]", b.extra["refine"], b, probs, x, y, pairs))
     checked = "; ".join(f"{k}: rank {v['rank']}, enabled {v['enabled']}, phases selected jointly: "
                         f"{selected[k]['chosen']}" for k, v in verify.items())
-    table = (f"Test cells {shown['test']} ({len(y)}); phase 1 fitted on {shown['val']} (enabled by validation: "
+    table = (f"Test cells {shown['test']} ({len(y)}); confidence temperature {temperature['temperature']} and "
+             f"phase 1 fitted on {shown['val']} (enabled by validation: "
              f"{boost['enabled']}); phase 3 models on {a.morph}, threshold close={morph['close']} on {shown['val']} "
              f"(enabled by validation: {morph['enabled']}); phase 2 prototypes on {a.morph}, rank on {shown['val']} "
              f"({checked}). "
              "Pair columns: A->B / B->A errors; switched: cells whose class the refinement changed; vetoed: "
              "switches phase 2 undid.\n\n"
              + markdown_table(rows))
-    write_results(a.name, {"boost": boost, "morphology": morph, "verify": verify, "selected": selected, "rows": rows}, table, a.out)
+    write_results(a.name, {"temperature": temperature, "boost": boost, "morphology": morph, "verify": verify, "selected": selected, "rows": rows}, table, a.out)
     print(table)
     return {"rows": rows}
 
