@@ -181,6 +181,7 @@ def test_bundle_guard_restores_noisy_cells_in_evaluate_and_stream(tmp_path, samp
     agree = {name: np.mean([rows[k]["pred"] == clean[k]["pred"] for k in rows]) for name, rows in
              (("guarded", guarded), ("raw", raw))}
     assert agree["guarded"] > agree["raw"] and agree["guarded"] >= 0.97, agree
-    run_stream(noisy / "PMY", sample_bundle, tmp_path / "st", mode="crops")
+    summary = run_stream(noisy / "PMY", sample_bundle, tmp_path / "st", mode="crops").to_dict()
+    assert summary["restored_frames"] == 30
     cells = [json.loads(r) for r in (tmp_path / "st" / "cells.jsonl").read_text().splitlines()]
     assert len(cells) == 30 and all(c.get("restored") == "impulse_noise" for c in cells)

@@ -67,6 +67,7 @@ class StreamSummary:
     frames: int = 0
     cells: int = 0
     errors: dict = field(default_factory=dict)  # {"count", "examples": first few {source, index, error}}
+    restored_frames: int = 0  # frames/crops the impulse guard restored (their rows say so)
     differential: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)  # per stage: total_s, calls, ms_per_call, ms_per_frame
     fps: float = 0.0
@@ -181,6 +182,7 @@ class Pipeline:
         self.stopping = self.aborting = False
         self.times, self.latency, self.rss = StageTimes(), LogHistogram(), RssTrace()
         self.frames = self.cells = self.n_errors = self.n_batches = self.batched_crops = self.max_seen = 0
+        self.n_restored = 0
         self.error_examples: list[dict] = []
         self.fatal: BaseException | None = None
         self.interrupted, self.n_interrupts = False, 0
@@ -371,6 +373,7 @@ class Pipeline:
 
     def _count(self, res: FrameResult) -> None:
         self.frames += 1
+        self.n_restored += bool(res.frame.restored)
         self.cells += sum(1 for r in res.cells if r.get("pred"))
         if res.latency_s is not None:
             self.latency.add(res.latency_s)
@@ -473,6 +476,7 @@ def _summarise(pipe: Pipeline | None, status: str, error: str | None, **info) ->
     lat = pipe.latency
     s.frames, s.cells, s.wall_s = pipe.frames, pipe.cells, round(pipe.wall_s, 3)
     s.errors = {"count": pipe.n_errors, "examples": pipe.error_examples}
+    s.restored_frames = pipe.n_restored
     s.timing = pipe.times.as_dict(pipe.frames)
     s.fps, s.cells_per_s = round(pipe.frames / wall, 3), round(pipe.cells / wall, 3)
     s.latency_ms = {k: (round(1e3 * v, 2) if v is not None else None) for k, v in

@@ -125,6 +125,9 @@ def summary_text(summary: dict) -> str:
     lines.append(f"{summary.get('status')}: {summary.get('frames')} frames, {summary.get('cells')} cells, "
                  f"{n_bad} unreadable; {summary.get('fps')} frames/s, "
                  f"latency p50 {lat.get('p50')} ms / p99 {lat.get('p99')} ms")
+    if summary.get("restored_frames"):
+        lines.append(f"{summary['restored_frames']} frame(s) had salt-and-pepper noise, restored before "
+                     "classification (rows marked `restored`)")
     if summary.get("error"):
         lines.append(f"error: {summary['error']}")
     return "\n".join(lines)
