@@ -64,6 +64,8 @@ def test_embedding_graph_refuses_graphs_without_a_classifier(tmp_path):
         make_embedder(None, f"onnx:{tmp_path / 'junk.onnx'}", tmp_path / "e.onnx", tmp_path)
     with pytest.raises(EmbedderError, match="unknown embedding source 'clip:x'"):
         make_embedder(None, "clip:x", tmp_path / "e.onnx", tmp_path)
+    with pytest.raises(EmbedderError, match="needs its argument"):
+        make_embedder(None, "timm:", tmp_path / "e.onnx", tmp_path)
 
 
 def test_prototypes_similarity_and_rank():
@@ -174,6 +176,9 @@ def test_cli_refine_verify_needs_training_cells(sample_bundle, sample_dir):
     res = CliRunner().invoke(main, ["refine", str(sample_bundle), "--val", str(sample_dir / "cells"),
                                     "--verify", "member"])
     assert res.exit_code == 2 and "--verify needs --morph" in res.output
+    res = CliRunner().invoke(main, ["refine", str(sample_bundle), "--val", str(sample_dir / "cells"),
+                                    "--morph", str(sample_dir / "cells"), "--verify", "bundle:/no/such/dir"])
+    assert res.exit_code == 2 and "/no/such/dir does not exist" in res.output  # refused before any fitting
 
 
 def test_timm_embedder_matches_torch(tmp_path, sample_crops):

@@ -180,6 +180,13 @@ def refine(bundle, val, morph, verify_source, per_class):
 
     if verify_source and not morph:
         raise click.UsageError("--verify needs --morph (the training cells its prototypes come from)")
+    if verify_source:
+        from .edge.refine.embed import EmbedderError, check_source
+
+        try:
+            check_source(verify_source)
+        except EmbedderError as exc:
+            raise click.BadParameter(str(exc), param_hint="--verify") from exc
 
     b = Bundle.load(bundle)
     t = fit_bundle_temperature(b, val, progress=True)  # first: the phases are fitted on calibrated probabilities

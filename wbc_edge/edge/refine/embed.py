@@ -115,8 +115,24 @@ def _from_hf(directory: Path, tmp: Path) -> tuple[onnx.ModelProto, EmbedSpec]:
     return _export_torch(ImageFeatures(encoder), size, mean, std, tmp), EmbedSpec(f"hf:{directory}", size, "area")
 
 
+SOURCES = ("member", "bundle", "onnx", "timm", "hf")
+
+
+def check_source(source: str) -> None:
+    """Fail at once (before any fitting) on a source of an unknown kind or without its argument."""
+    kind, _, arg = source.partition(":")
+    if kind not in SOURCES:
+        raise EmbedderError(f"unknown embedding source {source!r}; use member[:N], bundle:DIR, onnx:FILE, "
+                            "timm:NAME[@WEIGHTS] or hf:DIR")
+    if kind != "member" and not arg:
+        raise EmbedderError(f"embedding source {source!r} needs its argument after '{kind}:'")
+    if kind in ("bundle", "onnx", "hf") and not Path(arg).exists():
+        raise EmbedderError(f"embedding source {source!r}: {arg} does not exist")
+
+
 def make_embedder(bundle, source: str, out_path, tmp: Path) -> EmbedSpec:
     """Write the embedding graph for `source` (see the module doc) to `out_path`; return its spec."""
+    check_source(source)
     kind, _, arg = source.partition(":")
     if kind == "member":
         n = int(arg or 0)
@@ -133,11 +149,8 @@ def make_embedder(bundle, source: str, out_path, tmp: Path) -> EmbedSpec:
         model, spec = _from_onnx_file(Path(arg), source)
     elif kind == "timm":
         model, spec = _from_timm(arg, tmp)
-    elif kind == "hf":
-        model, spec = _from_hf(Path(arg), tmp)
     else:
-        raise EmbedderError(f"unknown embedding source {source!r}; use member[:N], bundle:DIR, onnx:FILE, "
-                            "timm:NAME[@WEIGHTS] or hf:DIR")
+        model, spec = _from_hf(Path(arg), tmp)
     model = set_metadata(model, {"role": "embedding", **spec.to_dict()})
     onnx.checker.check_model(model, full_check=True)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
