@@ -64,6 +64,8 @@ def test_embedding_graph_refuses_graphs_without_a_classifier(tmp_path):
         make_embedder(None, f"onnx:{tmp_path / 'junk.onnx'}", tmp_path / "e.onnx", tmp_path)
     with pytest.raises(EmbedderError, match="unknown embedding source 'clip:x'"):
         make_embedder(None, "clip:x", tmp_path / "e.onnx", tmp_path)
+    with pytest.raises(EmbedderError, match="given by its index"):
+        make_embedder(None, "member:m0", tmp_path / "e.onnx", tmp_path)
     with pytest.raises(EmbedderError, match="needs its argument"):
         make_embedder(None, "timm:", tmp_path / "e.onnx", tmp_path)
 

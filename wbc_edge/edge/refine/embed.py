@@ -124,6 +124,8 @@ def check_source(source: str) -> None:
     if kind not in SOURCES:
         raise EmbedderError(f"unknown embedding source {source!r}; use member[:N], bundle:DIR, onnx:FILE, "
                             "timm:NAME[@WEIGHTS] or hf:DIR")
+    if kind == "member" and arg and not arg.isdigit():
+        raise EmbedderError(f"embedding source {source!r}: the member is given by its index, e.g. member:1")
     if kind != "member" and not arg:
         raise EmbedderError(f"embedding source {source!r} needs its argument after '{kind}:'")
     if kind in ("bundle", "onnx", "hf") and not Path(arg).exists():
