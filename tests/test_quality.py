@@ -183,5 +183,6 @@ def test_bundle_guard_restores_noisy_cells_in_evaluate_and_stream(tmp_path, samp
     assert agree["guarded"] > agree["raw"] and agree["guarded"] >= 0.97, agree
     summary = run_stream(noisy / "PMY", sample_bundle, tmp_path / "st", mode="crops").to_dict()
     assert summary["restored_frames"] == 30
+    assert "frames restored (salt-and-pepper noise)</td><td class=l>30<" in (tmp_path / "st" / "report.html").read_text()
     cells = [json.loads(r) for r in (tmp_path / "st" / "cells.jsonl").read_text().splitlines()]
     assert len(cells) == 30 and all(c.get("restored") == "impulse_noise" for c in cells)

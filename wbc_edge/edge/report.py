@@ -74,6 +74,7 @@ def _run_table(s: dict) -> str:
     lat, rss = s.get("latency_ms") or {}, s.get("rss_mb") or {}
     rows = [("status", s.get("status")), ("frames", s.get("frames")),
             ("unreadable frames", s.get("errors", {}).get("count")),
+            ("frames restored (salt-and-pepper noise)", s.get("restored_frames", 0)),
             ("cells", s.get("cells")), ("frames/s", s.get("fps")), ("cells/s", s.get("cells_per_s")),
             ("latency p50 / p99 (ms)", f"{lat.get('p50')} / {lat.get('p99')}"),
             ("runner", s.get("runner")), ("TTA views", ", ".join(s.get("views") or [])),
