@@ -77,7 +77,8 @@ def test_morphology_filter_switches_only_close_calls_nearer_the_rare_model():
     feats = np.vstack([rng.normal(3, 1, (1, d)), rng.normal(0, 1, (1, d)), rng.normal(3, 1, (1, d))])
     new, changes = bio_filter(probs, probs.argmax(1), feats, model, classes, [("SNE", "BNE")], close=0.25)
     assert list(new) == [1, 0, 0]
-    assert changes[0] == [{"phase": "morphology", "from": "SNE", "to": "BNE"}] and not changes[1] and not changes[2]
+    assert changes[0] == [{"phase": "morphology", "from": "SNE", "to": "BNE", "rule": "nearer"}]
+    assert not changes[1] and not changes[2]
     assert pair_confusion(np.array([1, 0, 1]), new, classes, [("SNE", "BNE")]) == {"SNE/BNE": {"SNE->BNE": 0,
                                                                                                "BNE->SNE": 1}}
 
@@ -102,3 +103,31 @@ def test_fit_morphology_records_its_decision(tmp_path, sample_bundle, sample_dir
     pred, changes = refiner(probs, x)
     moved = [c for c in changes if c]
     assert moved and all(c[0]["from"] == "SNE" and c[0]["to"] == "BNE" for c in moved)
+
+
+def test_outlier_rule_finds_a_rare_class_never_seen_in_training():
+    """LY/PLY with no PLY cells to model: a lymphocyte call whose spikiness is far outside the LY model
+    becomes PLY when PLY is close behind; ordinary lymphocytes and far-behind calls stay LY."""
+    from wbc_edge.edge.refine.biofilter import active_pairs, bio_filter, outlier_z
+    from wbc_edge.edge.refine.features import FEATURE_NAMES
+    from wbc_edge.edge.refine.models import MorphologyModel
+
+    rng = np.random.default_rng(0)
+    f = FEATURE_NAMES.index("spikiness")
+    train = rng.normal(1.0, 0.1, (200, len(FEATURE_NAMES)))
+    classes = ["LY", "PLY"]
+    model = MorphologyModel.fit(train, ["LY"] * 200, classes)  # PLY: no cells, no model
+    assert "PLY" not in model.classes
+    assert active_pairs([("LY", "PLY")], classes, model, {}) == []
+    assert active_pairs([("LY", "PLY")], classes, model, {"LY/PLY": ("spikiness", 2.5)}) == [("LY", "PLY")]
+    cells = rng.normal(1.0, 0.1, (4, len(FEATURE_NAMES)))
+    cells[[1, 3], f] = 2.0  # ten LY standard deviations spikier than a lymphocyte
+    z = outlier_z(model, cells, "LY", "spikiness")
+    assert z[1] > 5 and z[3] > 5 and abs(z[0]) < 4
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.95, 0.05], [0.95, 0.05]])  # cells 2, 3: PLY far behind
+    new, changes = bio_filter(probs, np.zeros(4, int), cells, model, classes, [("LY", "PLY")], close=0.25,
+                              outliers={"LY/PLY": ("spikiness", 2.5)})
+    assert new.tolist() == [0, 1, 0, 0]
+    assert changes[1] == [{"phase": "morphology", "from": "LY", "to": "PLY", "rule": "outlier:spikiness"}]
+    assert bio_filter(probs, np.zeros(4, int), cells, model, classes, [("LY", "PLY")], close=0.25,
+                      outliers={})[0].tolist() == [0, 0, 0, 0]  # without the rule the pair is inactive

@@ -60,7 +60,8 @@ class Refiner:
 
             self._model = self._model or MorphologyModel.from_dict(self.bio["model"])
             new, bio_changes = bio_filter(probs, pred, morphology_features(crops), self._model, self.classes,
-                                          [tuple(p) for p in self.bio["pairs"]], self.bio["close"])
+                                          [tuple(p) for p in self.bio["pairs"]], self.bio["close"],
+                                          {k: tuple(v) for k, v in self.bio.get("outliers", {}).items()})
             for c, extra in zip(changes, bio_changes):
                 c.extend(extra)
             pred = self._verified(pred, new, crops, changes, cache)
@@ -164,7 +165,7 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     the phase-3 filter raises macro-F1 on top of the phases already enabled; store it in the bundle."""
     from ... import metrics
     from ..classifier import EnsembleClassifier
-    from .biofilter import CLOSE, DEFAULT_PAIRS, active_pairs, bio_filter, pair_confusion
+    from .biofilter import CLOSE, DEFAULT_OUTLIERS, DEFAULT_PAIRS, active_pairs, bio_filter, pair_confusion
     from .features import morphology_features
     from .models import MorphologyModel
 
@@ -179,11 +180,14 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     feats, k = morphology_features(xv), range(len(bundle.classes))
     # how close the rare class must be: given, or the best of a small grid on the validation cells
     grid = [close] if close is not None else [CLOSE, 0.5, 0.8]
-    runs = {c: bio_filter(probs, base, feats, model, bundle.classes, pairs, c)[0] for c in grid}
+    outliers = dict(DEFAULT_OUTLIERS)
+    runs = {c: bio_filter(probs, base, feats, model, bundle.classes, pairs, c, outliers)[0] for c in grid}
     close = max(grid, key=lambda c: metrics.macro_f1(yv, runs[c], k))
     after = runs[close]
-    used = active_pairs(pairs, bundle.classes, model)
-    result = {"pairs": [list(p) for p in used], "close": close, "fitted_on": str(morph_data), "n_fit": int(len(ym)),
+    used = active_pairs(pairs, bundle.classes, model, outliers)
+    rules = {name: list(rule) for name, rule in outliers.items() if tuple(name.split("/")) in used}
+    result = {"pairs": [list(p) for p in used], "close": close, "outliers": rules,
+              "fitted_on": str(morph_data), "n_fit": int(len(ym)),
               "checked_on": str(val_data), "n_val": int(len(yv)),
               "val_macro_f1_before": metrics.macro_f1(yv, base, k), "val_macro_f1_after": metrics.macro_f1(yv, after, k),
               "pairs_before": pair_confusion(yv, base, bundle.classes, used),
