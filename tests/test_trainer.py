@@ -106,6 +106,8 @@ def test_resume_gives_the_same_result(tmp_path, sample_dir):
     tr, va = (open_dataset(tmp_path / "a" / f"{n}_split.csv") for n in ("train", "val"))
     assert len(tr) and len(va) and not {s.path for s in tr.samples} & {s.path for s in va.samples}
     assert all(Path(s.path).parent.name == s.label for s in tr.samples + va.samples)
+    conf = straight.extra["confidence"]  # calibrated on its own validation split, at the end of training
+    assert conf["n_val"] == len(va) and conf["fitted_on"].endswith("val_split.csv") and conf["temperature"] > 0
 
 
 def test_shipped_configs_load_and_a_typo_in_a_file_is_named(tmp_path):

@@ -389,6 +389,13 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                      "class_priors": dict(zip(pool.classes, map(float, priors))),
                      "quality": bundle_quality()})
     bundle.save()
+    held_out = cfg.val_data or (out / "val_split.csv" if cfg.folds == 1 and (out / "val_split.csv").exists() else None)
+    if held_out:  # k-fold members saw each other's validation cells: no unbiased set to calibrate on there
+        from ..edge.confidence import fit_bundle_temperature
+
+        t = fit_bundle_temperature(bundle, held_out)
+        log.info("confidence temperature %.3f: validation ECE %.4f -> %.4f", t["temperature"], t["ece_before"],
+                 t["ece_after"])
     return bundle
 
 
