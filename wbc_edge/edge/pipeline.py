@@ -120,13 +120,20 @@ class CellLabeller:
         self.rare_idx = np.array([i for i, c in enumerate(self.classes) if c in RARE_CODES], np.int64)
         self.refiner = refiner if refiner is not None and refiner.active else None
 
-    def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool, crops=None) -> list[dict]:
+    def refine(self, probs: np.ndarray, crops) -> tuple[np.ndarray, list | None]:
+        """(final class indices, per-cell changes or None) for a whole micro-batch of cells."""
+        if self.refiner is None or not len(probs):
+            return probs.argmax(-1), None
+        return self.refiner(probs, crops)
+
+    def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool, final=None,
+             changes=None) -> list[dict]:
+        """Rows of one frame; `final`/`changes` are this frame's slice of `refine` (None: no refinement)."""
         base = {"source": frame.source, "frame": frame.index}
         if frame.error and crops_mode:  # in crops mode the input *is* the cell: keep one row per input
             return [{**base, "cell": 0, "box": None, "pred": None, "error": frame.error}]
         probs = np.asarray(probs)
-        final, changes = self.refiner(probs, crops) if self.refiner is not None and len(probs) \
-            else (probs.argmax(-1), None)
+        final = probs.argmax(-1) if final is None else final
         rows = [self._row(base, i, box, p, int(k)) for i, (box, p, k) in enumerate(zip(boxes, probs, final))]
         for row, ch in zip(rows, changes or []):
             if ch:  # the refinement moved this cell: keep the ensemble's class and how it changed
@@ -326,8 +333,17 @@ class Pipeline:
             self.n_batches += 1
             self.batched_crops += sum(sizes)
             self.max_seen = max(self.max_seen, sum(sizes))
-        for loc, p in zip(pending, np.split(probs, np.cumsum(sizes)[:-1])):
-            if not self._put(self.q_results, (loc, p)):
+        # the refinement runs once per micro-batch too, not once per frame in the writer thread
+        t0 = time.perf_counter()
+        final, changes = self.labeller.refine(probs, np.concatenate([loc.crops for loc in pending]) if sum(sizes)
+                                              else None)
+        if changes is not None:
+            self.times.add("refine", time.perf_counter() - t0)
+        bounds = np.cumsum(sizes)[:-1]
+        parts = zip(np.split(probs, bounds), np.split(final, bounds),
+                    np.split(np.arange(len(probs)), bounds))
+        for loc, (p, f, idx) in zip(pending, parts):
+            if not self._put(self.q_results, (loc, p, f, [changes[i] for i in idx] if changes is not None else None)):
                 return
 
     # ---- stage 4: sinks ---------------------------------------------------------------------
@@ -360,10 +376,10 @@ class Pipeline:
             if item is not _END:
                 self._write(*item)
 
-    def _write(self, loc: _Located, probs: np.ndarray) -> None:
+    def _write(self, loc: _Located, probs: np.ndarray, final=None, changes=None) -> None:
         t0 = time.perf_counter()
         res = FrameResult(loc.frame, loc.boxes, loc.crops,
-                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, loc.crops))
+                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, final, changes))
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
                 res.latency_s = time.perf_counter() - loc.frame.t_start

@@ -36,10 +36,12 @@ def outlier_z(model, feats: np.ndarray, cls: str, feature: str) -> np.ndarray:
     return (z - m.mean[f]) / np.sqrt(max(float(m.cov[f, f]), 1e-12))
 
 
-def bio_filter(probs: np.ndarray, pred: np.ndarray, feats: np.ndarray, model, classes: list[str],
+def bio_filter(probs: np.ndarray, pred: np.ndarray, feats, model, classes: list[str],
                pairs=DEFAULT_PAIRS, close: float = CLOSE, outliers=None) -> tuple[np.ndarray, list[list[dict]]]:
-    """(new class indices, per-cell changes) after checking every configured pair."""
+    """(new class indices, per-cell changes) after checking every configured pair. `feats`: the cells'
+    features (B x F), or a function of cell indices returning their rows (computed only when needed)."""
     outliers = DEFAULT_OUTLIERS if outliers is None else outliers
+    feats_of = feats if callable(feats) else (lambda idx: feats[idx])
     new = pred.copy()
     changes: list[list[dict]] = [[] for _ in range(len(pred))]
     for a, b in active_pairs(pairs, classes, model, outliers):
@@ -47,13 +49,13 @@ def bio_filter(probs: np.ndarray, pred: np.ndarray, feats: np.ndarray, model, cl
         idx = np.flatnonzero((new == ia) & (probs[:, ib] >= close * probs[:, ia]))
         if not len(idx):
             continue
-        switch, rule = np.zeros(len(idx), bool), np.full(len(idx), "", object)
+        switch, rule, f = np.zeros(len(idx), bool), np.full(len(idx), "", object), feats_of(idx)
         if b in model.classes:
-            switch = model.distance(feats[idx], b) < model.distance(feats[idx], a)
+            switch = model.distance(f, b) < model.distance(f, a)
             rule[switch] = "nearer"
         if f"{a}/{b}" in outliers:
             feature, limit = outliers[f"{a}/{b}"]
-            odd = ~switch & (outlier_z(model, feats[idx], a, feature) > limit)
+            odd = ~switch & (outlier_z(model, f, a, feature) > limit)
             switch |= odd
             rule[odd] = f"outlier:{feature}"
         for i, r in zip(idx[switch], rule[switch]):

@@ -26,12 +26,20 @@ class Refiner:
         self.offsets = np.asarray(boost["offsets"]) if boost.get("enabled") and "offsets" in boost else None
         bio = self.config.get("morphology", {})
         self.bio = bio if bio.get("enabled") else None
+        if self.bio is not None:  # parsed once here: __call__ runs per stream micro-batch
+            from .models import MorphologyModel
+
+            self._model = MorphologyModel.from_dict(self.bio["model"])
+            self._pairs = [tuple(p) for p in self.bio["pairs"]]
+            self._outliers = {k: tuple(v) for k, v in self.bio.get("outliers", {}).items()}
         verify = self.config.get("verify", {})
         self.verify = verify if verify.get("enabled") else None
         if self.verify is not None and root is None:
             raise ValueError("refinement phase 2 (verify) needs the bundle directory for its embedder")
+        priors = (self.verify or {}).get("priors")
+        self._rarer = np.asarray(priors) if priors and self.verify.get("direction", "rarer") == "rarer" else None
         self.root, self.device = (Path(root) if root is not None else None), device
-        self._model = self._embedder = self._protos = None
+        self._embedder = self._protos = None
         self._lock = threading.Lock()  # the stream's workers may share one refiner
 
     @classmethod
@@ -56,12 +64,17 @@ class Refiner:
         if self.bio is not None and crops is not None and len(crops):
             from .biofilter import bio_filter
             from .features import morphology_features
-            from .models import MorphologyModel
 
-            self._model = self._model or MorphologyModel.from_dict(self.bio["model"])
-            new, bio_changes = bio_filter(probs, pred, morphology_features(crops), self._model, self.classes,
-                                          [tuple(p) for p in self.bio["pairs"]], self.bio["close"],
-                                          {k: tuple(v) for k, v in self.bio.get("outliers", {}).items()})
+            feats: dict[int, np.ndarray] = {}
+
+            def feats_of(idx):  # only the cells a pair may switch (a close call), each computed once
+                todo = [i for i in idx if i not in feats]
+                if todo:
+                    feats.update(zip(todo, morphology_features(np.asarray(crops)[todo])))
+                return np.stack([feats[i] for i in idx])
+
+            new, bio_changes = bio_filter(probs, pred, feats_of, self._model, self.classes, self._pairs,
+                                          self.bio["close"], self._outliers)
             for c, extra in zip(changes, bio_changes):
                 c.extend(extra)
             pred = self._verified(pred, new, crops, changes, cache)
@@ -71,10 +84,8 @@ class Refiner:
     def _checked(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
         """Cells whose switch phase 2 must confirm: to a class rarer (by training prior) than the old one."""
         moved = after != before
-        priors = self.verify.get("priors")
-        if self.verify.get("direction", "rarer") == "rarer" and priors:
-            p = np.asarray(priors)
-            moved &= p[after] < p[before]
+        if self._rarer is not None:
+            moved &= self._rarer[after] < self._rarer[before]
         return np.flatnonzero(moved)
 
     def _open_embedder(self):
@@ -100,9 +111,7 @@ class Refiner:
                 self._open_embedder()
         todo = [i for i in idx if i not in cache]
         if todo:
-            for i, e in zip(todo, self._embedder(np.asarray(crops)[todo] if isinstance(crops, np.ndarray)
-                                                 else [crops[i] for i in todo])):
-                cache[i] = e
+            cache.update(zip(todo, self._embedder([crops[i] for i in todo])))
         sim = class_similarity(np.stack([cache[i] for i in idx]), *self._protos, len(self.classes))
         ranks = class_rank(sim, after[idx])
         out = after.copy()
