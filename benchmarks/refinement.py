@@ -23,7 +23,7 @@ from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.classifier import EnsembleClassifier
-from wbc_edge.edge.confidence import fit_bundle_temperature
+from wbc_edge.edge.confidence import fit_bundle_temperature, validation_cells
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
 from wbc_edge.edge.refine.refiner import (Refiner, fit_morphology, fit_refinement, fit_verification, labelled,
                                           select_phases)
@@ -47,9 +47,10 @@ def main(argv=None) -> dict:
             a.val, a.test = _split_halves(a.val, Path(tmp))
         shutil.copytree(a.bundle, Path(tmp) / "b")
         b = Bundle.load(Path(tmp) / "b")
-        temperature = fit_bundle_temperature(b, a.val)  # as `wbc-edge refine` does: first, on the fitting cells
-        boost = fit_refinement(b, a.val)
-        morph = fit_morphology(b, a.morph, a.val)
+        cells = validation_cells(b, a.val)  # read and predicted once for every fit
+        temperature = fit_bundle_temperature(b, a.val, val=cells)  # first, as `wbc-edge refine` does
+        boost = fit_refinement(b, a.val, val=cells)
+        morph = fit_morphology(b, a.morph, a.val, val=cells)
         x, y = labelled(b, a.test)
         with EnsembleClassifier(b) as clf:
             probs = clf.predict(x)
@@ -62,14 +63,14 @@ def main(argv=None) -> dict:
         rows = [_row(name, cfg, b, probs, x, y, pairs) for name, cfg in variants.items()]
         verify, selected = {}, {}
         for source in a.verify or ["member"]:  # each fit replaces the bundle's embedder: score it right away
-            verify[source] = fit_verification(b, a.morph, a.val, source)
+            verify[source] = fit_verification(b, a.morph, a.val, source, val=cells)
             v2 = {**b.extra["refine"]["verify"], "enabled": True}
             rows += [_row(name, cfg, b, probs, x, y, pairs) for name, cfg in {
                 f"phases 1+2 [{source}]": {"boost": on["boost"], "verify": v2},
                 f"phases 2+3 [{source}]": {"morphology": on["morphology"], "verify": v2},
                 f"phases 1+2+3 [{source}]": {**on, "verify": v2},
                 f"as enabled by validation [{source}]": copy.deepcopy(b.extra["refine"])}.items()]
-            selected[source] = select_phases(b, a.val)
+            selected[source] = select_phases(b, a.val, val=cells)
             rows.append(_row(f"as selected on validation [{source}]", b.extra["refine"], b, probs, x, y, pairs))
     checked = "; ".join(f"{k}: rank {v['rank']}, enabled {v['enabled']}, phases selected jointly: "
                         f"{selected[k]['chosen']}" for k, v in verify.items())

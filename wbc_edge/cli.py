@@ -175,7 +175,7 @@ def refine(bundle, val, morph, verify_source, per_class):
     that must back every switch to a rarer class). The phases are then switched on or off together:
     the subset with the best macro-F1 on the validation cells phase 1 was not fitted on."""
     from .bundle import Bundle
-    from .edge.confidence import fit_bundle_temperature
+    from .edge.confidence import fit_bundle_temperature, validation_cells
     from .edge.refine.refiner import fit_morphology, fit_refinement, fit_verification, select_phases
 
     if verify_source and not morph:
@@ -189,26 +189,27 @@ def refine(bundle, val, morph, verify_source, per_class):
             raise click.BadParameter(str(exc), param_hint="--verify") from exc
 
     b = Bundle.load(bundle)
-    t = fit_bundle_temperature(b, val, progress=True)  # first: the phases are fitted on calibrated probabilities
+    cells = validation_cells(b, val, progress=True)  # read and predicted once for every fit below
+    t = fit_bundle_temperature(b, val, val=cells)  # first: the phases are fitted on calibrated probabilities
     click.echo(f"confidence: temperature {t['temperature']} (fitted {t['fitted_temperature']:.3f}); validation "
                f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}, ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}")
-    boost = fit_refinement(b, val, progress=True)
+    boost = fit_refinement(b, val, val=cells)
     state = "enabled" if boost["enabled"] else "left disabled (no gain)"
     click.echo(f"boost: fit half {boost['macro_f1_before']:.4f} -> {boost['macro_f1_after']:.4f}, check half "
                f"{boost['check_macro_f1_before']:.4f} -> {boost['check_macro_f1_after']:.4f} ({boost['n_val']} "
                f"cells); {state}; offsets {boost['offsets']}")
     if morph:
-        m = fit_morphology(b, morph, val, progress=True)
+        m = fit_morphology(b, morph, val, progress=True, val=cells)
         click.echo(f"morphology: val macro-F1 {m['val_macro_f1_before']:.4f} -> {m['val_macro_f1_after']:.4f} "
                    f"(close {m['close']}); {'enabled' if m['enabled'] else 'left disabled (no gain)'}; pairs "
                    f"before {m['pairs_before']} after {m['pairs_after']}")
     if verify_source:
-        v = fit_verification(b, morph, val, verify_source, per_class, progress=True)
+        v = fit_verification(b, morph, val, verify_source, per_class, progress=True, val=cells)
         click.echo(f"verify ({verify_source}, {v['n_prototypes']} prototypes): val macro-F1 "
                    f"{v['val_macro_f1_before']:.4f} -> {v['val_macro_f1_after']:.4f} (rank {v['rank']}); "
                    f"{'enabled' if v['enabled'] else 'left disabled (no gain)'}; by rank {v['by_rank']}")
     if morph:
-        sel = select_phases(b, val)
+        sel = select_phases(b, val, val=cells)
         click.echo(f"phases chosen jointly on {sel['n_check']} validation cells: {sel['chosen']} "
                    f"(macro-F1 {', '.join(f'{k} {v:.4f}' for k, v in sel['macro_f1'].items())})")
 

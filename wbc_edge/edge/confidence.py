@@ -53,15 +53,29 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray, iters: int = 60) -> tuple[
                "ece_after": metrics.expected_calibration_error(after, y)}
 
 
-def fit_bundle_temperature(bundle, val_data, progress: bool = False) -> dict:
-    """Fit T on labelled validation cells with the bundle's own (uncalibrated) ensemble; keep it only if
-    it lowers the validation NLL. Stored in the bundle's `confidence` section."""
+def validation_cells(bundle, val_data, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells at the bundle's input size, class indices, the ensemble's uncalibrated probabilities): read
+    and predicted once, then shared by every fit of `wbc-edge refine`."""
     from .classifier import EnsembleClassifier
     from .refine.refiner import labelled
 
     x, y = labelled(bundle, val_data, progress)
     with EnsembleClassifier(bundle, calibrated=False) as clf:
-        probs = clf.predict(x)
+        return x, y, clf.predict(x)
+
+
+def calibrated_validation(bundle, val_data, val=None, progress: bool = False):
+    """(cells, class indices, probabilities as the bundle's classifier gives them now, i.e. with its
+    current temperature); from `val` (a `validation_cells` result) when given, else read and predicted."""
+    x, y, raw = val if val is not None else validation_cells(bundle, val_data, progress)
+    t = float((bundle.extra.get("confidence") or {}).get("temperature", 1.0))
+    return x, y, (raw if t == 1.0 else apply_temperature(raw, t))
+
+
+def fit_bundle_temperature(bundle, val_data, progress: bool = False, val=None) -> dict:
+    """Fit T on labelled validation cells with the bundle's own (uncalibrated) ensemble; keep it only if
+    it lowers the validation NLL. Stored in the bundle's `confidence` section."""
+    _, y, probs = val if val is not None else validation_cells(bundle, val_data, progress)
     t, fit = fit_temperature(probs, y)
     enabled = fit["nll_after"] < fit["nll_before"]
     bundle.extra["confidence"] = {"temperature": round(t, 4) if enabled else 1.0, "fitted_temperature": t,

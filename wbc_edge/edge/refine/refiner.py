@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..confidence import calibrated_validation
 from .boost import adjusted, fit_offsets
 
 
@@ -129,14 +130,11 @@ class Refiner:
             self._embedder = None
 
 
-def fit_refinement(bundle, val_data, progress: bool = False) -> dict:
+def fit_refinement(bundle, val_data, progress: bool = False, val=None) -> dict:
     """Fit phase 1 on labelled validation cells with the bundle's own runner; enable it only if it
     raises validation macro-F1. Stores the result in the bundle manifest."""
-    from ..classifier import EnsembleClassifier
 
-    x, y = labelled(bundle, val_data, progress)
-    with EnsembleClassifier(bundle) as clf:
-        probs = clf.predict(x)
+    _, y, probs = calibrated_validation(bundle, val_data, val, progress)
     # Fit on one half of the validation cells, check on the other: offsets tuned for macro-F1 overfit
     # easily, and a phase that does not help on cells it was not fitted on stays off.
     half = fit_half(y)
@@ -169,11 +167,11 @@ def labelled(bundle, data, progress: bool = False):
     return load_labelled(data, bundle.classes, pp.input_size, pp.interpolation, progress)[:2]
 
 
-def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None = None, progress: bool = False) -> dict:
+def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None = None, progress: bool = False,
+                   val=None) -> dict:
     """Fit per-class morphology models on `morph_data` (training cells), decide on `val_data` whether
     the phase-3 filter raises macro-F1 on top of the phases already enabled; store it in the bundle."""
     from ... import metrics
-    from ..classifier import EnsembleClassifier
     from .biofilter import CLOSE, DEFAULT_OUTLIERS, DEFAULT_PAIRS, active_pairs, bio_filter, pair_confusion
     from .features import morphology_features
     from .models import MorphologyModel
@@ -181,11 +179,11 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     pairs = [tuple(p) for p in (pairs or DEFAULT_PAIRS)]
     xm, ym = labelled(bundle, morph_data, progress)
     model = MorphologyModel.fit(morphology_features(xm), [bundle.classes[i] for i in ym], bundle.classes)
-    xv, yv = labelled(bundle, val_data, progress)
-    with EnsembleClassifier(bundle) as clf:
-        probs = clf.predict(xv)
+    xv, yv, probs = calibrated_validation(bundle, val_data, val, progress)
     config = {k: v for k, v in bundle.extra.get("refine", {}).items() if k != "morphology"}
-    base = Refiner(config, bundle.classes, bundle.root)(probs, xv)[0]
+    refiner = Refiner(config, bundle.classes, bundle.root)
+    base = refiner(probs, xv)[0]
+    refiner.close()
     feats, k = morphology_features(xv), range(len(bundle.classes))
     # how close the rare class must be: given, or the best of a small grid on the validation cells
     grid = [close] if close is not None else [CLOSE, 0.5, 0.8]
@@ -211,7 +209,7 @@ VERIFY_DIR = "refine"
 
 
 def fit_verification(bundle, proto_data, val_data, source: str = "member", per_class: int = 3,
-                     ranks=(1, 2, 3), progress: bool = False) -> dict:
+                     ranks=(1, 2, 3), progress: bool = False, val=None) -> dict:
     """Phase 2: build the embedder (`source`, see `embed.make_embedder`), fit class prototypes on
     `proto_data` (training cells), choose the rank on `val_data` and store it in the bundle.
 
@@ -221,7 +219,6 @@ def fit_verification(bundle, proto_data, val_data, source: str = "member", per_c
     """
     from ... import metrics
     from ...data.datasets import load_labelled
-    from ..classifier import EnsembleClassifier
     from .embed import Embedder, fit_prototypes, make_embedder
 
     k = range(len(bundle.classes))
@@ -233,9 +230,7 @@ def fit_verification(bundle, proto_data, val_data, source: str = "member", per_c
         protos, owners = fit_prototypes(emb(xp), yp, len(bundle.classes), per_class)
     np.savez(bundle.path(proto_name), prototypes=protos, owners=owners)
 
-    xv, yv = labelled(bundle, val_data, progress)
-    with EnsembleClassifier(bundle) as clf:
-        probs = clf.predict(xv)
+    xv, yv, probs = calibrated_validation(bundle, val_data, val, progress)
     refine = {k_: v for k_, v in bundle.extra.get("refine", {}).items() if k_ != "verify"}
     forced = {name: {**cfg, "enabled": True} for name, cfg in refine.items()}
     priors = bundle.extra.get("class_priors")
@@ -267,7 +262,7 @@ def fit_verification(bundle, proto_data, val_data, source: str = "member", per_c
 PHASES = ("boost", "verify", "morphology")
 
 
-def select_phases(bundle, val_data, progress: bool = False) -> dict:
+def select_phases(bundle, val_data, progress: bool = False, val=None) -> dict:
     """Enable the subset of the fitted phases that scores best on the validation cells phase 1 was not
     fitted on (ties: fewer phases). Phases are fitted one at a time; they interact (phase 2 only
     vets what 1 and 3 propose), so the final on/off choice is made jointly."""
@@ -277,11 +272,7 @@ def select_phases(bundle, val_data, progress: bool = False) -> dict:
 
     refine = bundle.extra.get("refine", {})
     fitted = [p for p in PHASES if p in refine]
-    x, y = labelled(bundle, val_data, progress)
-    from ..classifier import EnsembleClassifier
-
-    with EnsembleClassifier(bundle) as clf:
-        probs = clf.predict(x)
+    x, y, probs = calibrated_validation(bundle, val_data, val, progress)
     check = ~fit_half(y) if "boost" in fitted else np.ones(len(y), bool)
     x, y, probs = x[check], y[check], probs[check]
     scores = {}
