@@ -7,8 +7,8 @@ import pytest
 
 from wbc_edge.data.images import read_image
 from wbc_edge.data.voc import VocAnnotationError, read_voc
-from wbc_edge.edge.localise import (Box, LocaliserConfig, extract_crops, iou, localise, match,
-                                    passthrough_crops)
+from wbc_edge.edge.localise import Box, LocaliserConfig, extract_crops, iou, localise, match
+from wbc_edge.edge.preprocess import resize_batch
 
 
 def _frames(root, every: int = 1, start: int = 0):
@@ -96,7 +96,7 @@ def test_default_crop_is_a_fixed_field_of_view_whatever_the_box():
 
 def test_single_cell_inputs_pass_through_with_only_a_resize():
     cell = np.random.default_rng(1).integers(0, 256, (363, 360, 3), np.uint8)
-    out = passthrough_crops([cell, cell[:64, :64]], 64)
+    out = resize_batch([cell, cell[:64, :64]], 64)
     assert out.shape == (2, 64, 64, 3)
     assert np.array_equal(out[1], cell[:64, :64])  # already the right size: untouched
 

@@ -30,9 +30,7 @@ import cv2
 import numpy as np
 
 from ..xp import to_numpy
-
-_INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
-
+from .preprocess import INTERPOLATIONS
 
 @dataclass(frozen=True)
 class LocaliserConfig:
@@ -266,16 +264,7 @@ def extract_crops(frame: np.ndarray, boxes, size: int, margin: float | None = No
         sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
         if sx1 > sx0 and sy1 > sy0:
             crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = frame[sy0:sy1, sx0:sx1]
-        out[i] = cv2.resize(crop, (size, size), interpolation=_INTERP[interpolation])
-    return out
-
-
-def passthrough_crops(images, size: int, interpolation: str = "area") -> np.ndarray:
-    """Inputs that already are single cells (PBC-style crops): no localisation, only the resize."""
-    out = np.empty((len(images), size, size, 3), np.uint8)
-    for i, img in enumerate(images):
-        same = img.shape[:2] == (size, size)
-        out[i] = img if same else cv2.resize(img, (size, size), interpolation=_INTERP[interpolation])
+        out[i] = cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])
     return out
 
 

@@ -15,8 +15,11 @@ INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": c
 
 
 def resize_batch(images, size: int, interpolation: str = "area") -> np.ndarray:
-    """List/array of HxWx3 uint8 images -> uint8 BxSxSx3 (no-op for images already SxS)."""
+    """List/array of HxWx3 uint8 images -> uint8 BxSxSx3. A uint8 batch already SxS is returned as it is
+    (callers never write into the result), so crops resized upstream cost nothing here."""
     flag = INTERPOLATIONS[interpolation]
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (size, size, 3):
+        return images
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, img in enumerate(images):  # OpenCV resizes one image per call; it is the fastest option on CPU
         out[i] = img if img.shape[:2] == (size, size) else cv2.resize(img, (size, size), interpolation=flag)

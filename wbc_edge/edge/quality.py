@@ -38,16 +38,13 @@ def impulse_fraction(batch: np.ndarray) -> np.ndarray:
     """
     out = np.empty(len(batch))
     for i, im in enumerate(batch):
-        ys, xs, cs = np.nonzero((im == 0) | (im == 255)) if _few_extremes(im) else (None, None, None)
-        out[i] = _sparse_fraction(im, ys, xs, cs) if ys is not None else _dense_fraction(im)
+        extreme = (im == 0) | (im == 255)
+        few = np.count_nonzero(extreme) <= SPARSE_MAX * im.shape[0] * im.shape[1]
+        out[i] = _sparse_fraction(im, *np.nonzero(extreme)) if few else _dense_fraction(im)
     return out
 
 
 SPARSE_MAX = 0.01  # up to this many 0/255 values per pixel, NumPy gathers their neighbourhoods
-
-
-def _few_extremes(im: np.ndarray) -> bool:
-    return np.count_nonzero(im == 0) + np.count_nonzero(im == 255) <= SPARSE_MAX * im.shape[0] * im.shape[1]
 
 
 def _sparse_fraction(im, ys, xs, cs) -> float:
@@ -138,8 +135,9 @@ class ImpulseGuard:
         """(the image, restored if it carried impulse noise; whether it did)."""
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected a uint8 HxWx3 image, got {image.dtype} {image.shape}")
-        out, fired = restore(image[None], self.threshold)
-        return out[0], bool(fired[0])
+        if not detect(image[None], self.threshold)[0]:
+            return image, False  # clean: the same array, no copy (this runs on every frame)
+        return adaptive_median(image[None])[0], True
 
 
 def bundle_quality(threshold: float = DEFAULT_THRESHOLD) -> dict:
