@@ -25,6 +25,7 @@ batch (batched covariance, batched 3x3 eigh, masked per-image percentiles), on N
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -234,14 +235,26 @@ def _chunked(fn, batch, chunk_pixels: int | None, *per_image):
     step = len(batch) if not chunk_pixels else max(1, chunk_pixels // (batch.shape[1] * batch.shape[2]))
     starts = range(0, len(batch), step)
     run = lambda i: fn(batch[i:i + step], *(a[i:i + step] for a in per_image))  # noqa: E731
-    if len(starts) == 1:
+    if len(starts) <= 1:  # one piece (or an empty batch): no threads
         return run(0)
-    workers = min(len(starts), THREADS or os.cpu_count() or 1)
-    if workers == 1:
+    if min(len(starts), THREADS or os.cpu_count() or 1) == 1:
         return tuple(xp.concatenate(p) for p in zip(*map(run, starts)))
-    with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(run, starts))
+    parts = list(_pool().map(run, starts))
     return tuple(xp.concatenate(p) for p in zip(*parts))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One worker pool for the process: `_chunked` runs on every classifier batch when a bundle
+    normalises stains, and starting threads per call would cost more than the small pieces."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(THREADS or os.cpu_count() or 1, thread_name_prefix="wbc-stain")
+        return _POOL
 
 
 def estimate_stains(batch, params: MacenkoParams | None = None, chunk_pixels: int | None = CHUNK_PIXELS):
