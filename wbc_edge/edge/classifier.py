@@ -6,9 +6,8 @@ import numpy as np
 from ..bundle import Bundle
 from . import tta
 from .confidence import apply_temperature
-from .preprocess import resize_batch
 from .runners import Runner, open_runner
-from .stain import StainReference, normalise_batch
+from .stain import StainReference, bundle_stain, prepare_crops
 
 
 class EnsembleClassifier:
@@ -28,8 +27,8 @@ class EnsembleClassifier:
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
-        stain = bundle.extra.get("stain") or {}
-        self.stain = StainReference.from_dict(stain["reference"]) if stain.get("normalise") else None
+        ref = bundle_stain(bundle)  # the model was trained on normalised cells: same step, same reference
+        self.stain = StainReference.from_dict(ref) if ref else None
 
     def _graph(self, member) -> str:
         if self.artifact is None:
@@ -62,9 +61,7 @@ class EnsembleClassifier:
 
     def predict(self, crops) -> np.ndarray:
         pp = self.bundle.preprocess
-        batch = resize_batch(crops, pp.input_size, pp.interpolation)
-        if self.stain is not None:  # the model was trained on normalised cells: same step, same reference
-            batch = normalise_batch(batch, self.stain)[0]
+        batch = prepare_crops(crops, pp.input_size, pp.interpolation, self.stain)
         chunk = max(1, self.max_batch // len(self.views))
         if not len(batch):
             return np.zeros((0, len(self.bundle.classes)), np.float32)

@@ -25,8 +25,7 @@ import onnx
 
 from ..._optional import require
 from ...build.surgery import EMBEDDING, INPUT, OUTPUT, add_io_processing, embedding_graph, set_metadata
-from ..preprocess import resize_batch
-from ..stain import StainReference, normalise_batch
+from ..stain import StainReference, bundle_stain, prepare_crops
 
 
 class EmbedderError(ValueError):
@@ -47,9 +46,7 @@ class EmbedSpec:
 
 
 def _bundle_spec(bundle, source: str) -> EmbedSpec:
-    stain = bundle.extra.get("stain") or {}
-    return EmbedSpec(source, bundle.preprocess.input_size, bundle.preprocess.interpolation,
-                     stain["reference"] if stain.get("normalise") else None)
+    return EmbedSpec(source, bundle.preprocess.input_size, bundle.preprocess.interpolation, bundle_stain(bundle))
 
 
 def _from_onnx_file(path: Path, source: str) -> tuple[onnx.ModelProto, EmbedSpec]:
@@ -184,9 +181,7 @@ class Embedder:
     def __call__(self, crops) -> np.ndarray:
         if self.runner is None:
             raise RuntimeError("Embedder used outside its `with` block")
-        batch = resize_batch(crops, self.spec.input_size, self.spec.interpolation)
-        if self.stain is not None:
-            batch = normalise_batch(batch, self.stain)[0]
+        batch = prepare_crops(crops, self.spec.input_size, self.spec.interpolation, self.stain)
         if not len(batch):
             return np.zeros((0, 0), np.float32)
         out = np.concatenate([self.runner.infer(batch[i:i + self.max_batch])
