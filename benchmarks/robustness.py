@@ -18,15 +18,15 @@ from wbc_edge.bundle import Bundle
 from wbc_edge.data import degrade
 from wbc_edge.data.datasets import open_dataset
 from wbc_edge.edge.classifier import EnsembleClassifier
-from wbc_edge.edge.quality import ImpulseGuard
+from wbc_edge.edge.quality import ImpulseGuard, restore
 
 
 def score(clf: EnsembleClassifier, images: np.ndarray, labels: list[str], classes: list[str], guard=None) -> dict:
     """Metrics as deployed: the bundle's impulse guard (if any) on each native-size cell, then the ensemble."""
     restored = 0
-    if guard is not None:
-        guarded = [guard(im) for im in images]
-        images, restored = np.stack([im for im, _ in guarded]), sum(r for _, r in guarded)
+    if guard is not None:  # the guard's step for a whole stacked batch at once
+        images, fired = restore(images, guard.threshold)
+        restored = int(fired.sum())
     pred = np.asarray(classes)[clf.predict(images).argmax(1)]
     rep = metrics.classification_report(labels, list(pred), classes)
     return {**{k: rep[k] for k in ("macro_f1", "balanced_accuracy", "macro_precision", "macro_specificity")},

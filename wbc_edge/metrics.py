@@ -200,7 +200,7 @@ def expected_calibration_error(probs, y_true_idx, n_bins: int = 15) -> float:
 
 # --- plots (matplotlib imported only here, with a figure-local Agg canvas: no global backend switch) ---
 
-def _figure(figsize):
+def new_figure(figsize):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -215,7 +215,7 @@ def plot_confusion(cm, classes: Sequence, path, normalize: bool = True, title: s
     shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
     k = len(classes)
     size = max(4.0, 0.5 * k + 2)
-    fig = _figure((size + 1, size))
+    fig = new_figure((size + 1, size))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -241,7 +241,7 @@ def plot_reliability(probs, y_true_idx, path, n_bins: int = 15, title: str | Non
     """Write a reliability diagram (accuracy vs confidence per bin, with the ECE) as a PNG."""
     b = reliability_bins(probs, y_true_idx, n_bins)
     ece = expected_calibration_error(probs, y_true_idx, n_bins)
-    fig = _figure((5, 6))
+    fig = new_figure((5, 6))
     ax, axc = fig.add_subplot(2, 1, 1), fig.add_subplot(4, 1, 4)
     width = 1.0 / n_bins
     centres = b["edges"][:-1] + width / 2

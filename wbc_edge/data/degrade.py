@@ -185,9 +185,9 @@ def random_degradation(batch: np.ndarray, rng: np.random.Generator, p: float = 0
     return out
 
 
-def degradation_hook(p: float = 0.3, max_severity: int = 3):
-    """A trainer uint8 hook (batch, rng) -> batch."""
-    return lambda batch, rng: random_degradation(batch, rng, p, max_severity)
+def degradation_hook(p: float = 0.3, max_severity: int = 3, kinds=None):
+    """A trainer uint8 hook (batch, rng) -> batch: `random_degradation` with these settings."""
+    return lambda batch, rng: random_degradation(batch, rng, p, max_severity, kinds)
 
 
 MANIFEST_COLUMNS = ["path", "label", "kind", "severity", "seed", "source", "error"]

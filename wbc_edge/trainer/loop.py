@@ -279,12 +279,10 @@ def splits_for(pool: Pool, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarra
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> Path:
-    import matplotlib
+    from ..metrics import new_figure  # a figure-local canvas: the caller's matplotlib backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = new_figure((6.5, 3.8))
+    ax = fig.add_subplot()
     ax2 = ax.twinx()
     for member in dict.fromkeys(h["member"] for h in history):
         rows = [h for h in history if h["member"] == member and "train_loss" in h]
@@ -299,20 +297,18 @@ def plot_learning_curve(history: list[dict], path: Path) -> Path:
     fig.legend(loc="lower center", ncol=2, fontsize=7)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def augmentation_hooks(cfg: TrainConfig) -> list:
     """uint8 batch hooks for the unseen site: another lab's stain, then scanner degradations."""
-    from ..data.degrade import KINDS, random_degradation
+    from ..data.degrade import KINDS, degradation_hook
 
     hooks = []
     if cfg.stain_augment > 0:
-        hooks.append(lambda b, rng: random_degradation(b, rng, cfg.stain_augment, 3, kinds=["stain_shift"]))
+        hooks.append(degradation_hook(cfg.stain_augment, 3, ["stain_shift"]))
     if cfg.degrade_p > 0:
-        scanner = [k for k in KINDS if k != "stain_shift"]
-        hooks.append(lambda b, rng: random_degradation(b, rng, cfg.degrade_p, cfg.degrade_max_severity, scanner))
+        hooks.append(degradation_hook(cfg.degrade_p, cfg.degrade_max_severity, [k for k in KINDS if k != "stain_shift"]))
     return hooks
 
 
