@@ -9,14 +9,13 @@ scored on the balanced set with ONNX Runtime. Writes benchmarks/results/longtail
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._common import RESULTS, markdown_table, write_results
-from wbc_edge.data.datasets import from_image_folder
+from wbc_edge.data.datasets import from_image_folder, write_manifest
 from wbc_edge.evaluate import evaluate
 from wbc_edge.trainer.config import load_config
 from wbc_edge.trainer.loop import train
@@ -43,8 +42,7 @@ def write_splits(tmp: Path, largest: int, ratio: float, n_val: int, seed: int) -
         val_rows += [(ds.samples[i].path, code) for i in idx[:n_val]]
         train_rows += [(ds.samples[i].path, code) for i in idx[n_val:n_val + counts[code]]]
     for name, rows in (("train.csv", train_rows), ("val.csv", val_rows)):
-        with open(tmp / name, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "label"), *rows])
+        write_manifest(tmp / name, rows)
     return tmp / "train.csv", tmp / "val.csv", counts
 
 

@@ -88,9 +88,7 @@ def main(argv=None) -> dict:
 
 
 def _split_halves(val, tmp: Path) -> tuple[str, str]:
-    import csv
-
-    from wbc_edge.data.datasets import open_dataset
+    from wbc_edge.data.datasets import open_dataset, write_manifest
 
     by_label: dict = {}
     for smp in open_dataset(val).samples:
@@ -101,9 +99,7 @@ def _split_halves(val, tmp: Path) -> tuple[str, str]:
             halves[i % 2].append((path, label))
     names = []
     for name, rows in zip(("fit", "test"), halves):
-        names.append(str(tmp / f"val_{name}.csv"))
-        with open(names[-1], "w", newline="") as f:
-            csv.writer(f).writerows([("path", "label"), *rows])
+        names.append(str(write_manifest(tmp / f"val_{name}.csv", rows)))
     return names[0], names[1]
 
 

@@ -4,10 +4,11 @@ data/sample/cells/<CODE>/      30 PBC cells per class (176 px), held out from th
 data/sample/fullres/<CODE>/    3 of those same cells per class at native resolution (360x363)
 data/sample/frames/            8 BCCD microscope frames (640x480) with their VOC annotations
 """
-import csv
 import random
 import shutil
 from pathlib import Path
+
+from wbc_edge.data.datasets import write_manifest
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -32,8 +33,7 @@ def main() -> None:
             dst = OUT / "fullres" / code / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(SHARED / "pbc-fullres-sample" / code / name, dst)
-    with open(OUT / "cells" / "manifest.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("path", "label"), *rows])
+    write_manifest(OUT / "cells" / "manifest.csv", rows)
     bccd = SHARED / "bccd-frames" / "BCCD"
     frames = sorted((bccd / "JPEGImages").glob("*.jpg"))
     for src in rng.sample(frames, N_FRAMES):

@@ -6,6 +6,7 @@ import numpy as np
 
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
+from wbc_edge.data.datasets import write_manifest
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.confidence import apply_temperature, fit_bundle_temperature, fit_temperature, nll
 from wbc_edge.edge.refine.refiner import labelled
@@ -38,12 +39,9 @@ def test_bundle_temperature_lowers_held_out_ece_and_the_classifier_applies_it(tm
     b = Bundle.load(work)
     b.extra.pop("confidence", None)
     x, y = labelled(b, sample_dir / "cells")
-    import csv
-
     rows = sorted(r for r in (sample_dir / "cells").glob("*/*.jpg") if r.parent.name in b.classes)
     assert [r.parent.name for r in rows] == [b.classes[i] for i in y]  # the order `labelled` read them in
-    with open(tmp_path / "fit.csv", "w", newline="") as f:  # fit on every other cell, judge on the rest
-        csv.writer(f).writerows([("path", "label"), *((str(r), r.parent.name) for r in rows[::2])])
+    write_manifest(tmp_path / "fit.csv", ((str(r), r.parent.name) for r in rows[::2]))  # fit on every other cell
     res = fit_bundle_temperature(b, tmp_path / "fit.csv")
     saved = json.loads((work / "manifest.json").read_text())["confidence"]
     assert saved["temperature"] == res["temperature"] and res["n_val"] == 135

@@ -111,6 +111,14 @@ def from_manifest(csv_path, root=None, classes=None) -> CellDataset:
     return ds.filter_classes(classes) if classes else ds
 
 
+def write_manifest(path, rows) -> Path:
+    """Write (path, label) rows as the manifest CSV `from_manifest` reads (relative paths are read
+    relative to the CSV's folder)."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label"), *rows])
+    return Path(path)
+
+
 def from_folder(root) -> CellDataset:
     """Unlabelled images: every image file under `root` (recursively), sorted."""
     root = Path(root)

@@ -65,13 +65,12 @@ def write_split_manifests(out: Path, pool: Pool, train_idx, val_idx) -> None:
     """train_split.csv / val_split.csv (path,label): the cells each member saw and the held-out ones,
     as manifests that `wbc-edge refine`, `build --calib/--val` and the benchmarks read directly. Paths
     are relative to the manifest's folder, as manifests are read."""
-    import csv
+    from ..data.datasets import write_manifest
 
     base = Path(out).resolve()
     for name, idx in (("train_split.csv", train_idx), ("val_split.csv", val_idx)):
-        with open(out / name, "w", newline="") as f:
-            csv.writer(f).writerows([("path", "label"), *((os.path.relpath(Path(pool.paths[i]).resolve(), base),
-                                                           pool.classes[pool.y[i]]) for i in idx)])
+        write_manifest(out / name, ((os.path.relpath(Path(pool.paths[i]).resolve(), base), pool.classes[pool.y[i]])
+                                    for i in idx))
 
 
 def load_pool(source, cfg: TrainConfig, size: int, classes=None) -> Pool:
