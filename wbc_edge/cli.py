@@ -99,7 +99,7 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse
         click.echo(f"parity {r.get('member', 'ensemble')} {r['check']}: max abs {r['max_abs']:.2e} "
                    f"{'ok' if r['ok'] else 'FAILED'}")
     click.echo(f"built {target} for {len(b.members)} member(s) in {b.root}")
-    check = b.extra.get("calibration", {}).get(target) or b.extra.get("calibration", {}).get(f"{target}-onnx")
+    check = b.extra.get("calibration", {}).get(TARGETS[target].calibration)
     if check:
         click.echo(f"vs FP32 on {check['n_val']} cells: top-1 agreement {check['top1_agreement']:.4f}, "
                    f"macro-F1 drop {100 * check['macro_f1_drop']:.2f} points")

@@ -73,8 +73,8 @@ def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, 
 
 def build_ort_int8(bundle: Bundle, quantizer: str | None = None, **calib_options) -> Bundle:
     """U8S8 Q/DQ for ONNX Runtime on CPUs (fast with VNNI)."""
-    return calibrate_int8(bundle, "ort-int8", "u8s8", quantizer=quantizer_for("ort-int8", quantizer),
-                          **calib_options)
+    return calibrate_int8(bundle, TARGETS["ort-int8"].calibration, "u8s8",
+                          quantizer=quantizer_for("ort-int8", quantizer), **calib_options)
 
 
 def build_trt_int8(bundle: Bundle, quantizer: str | None = None, **calib_options) -> Bundle:
@@ -82,10 +82,10 @@ def build_trt_int8(bundle: Bundle, quantizer: str | None = None, **calib_options
     the engine on this GPU."""
     from .tensorrt import build_trt_int8 as engines
 
-    bundle = calibrate_int8(bundle, "trt-int8-onnx", "s8s8", quantizer=quantizer_for("trt-int8", quantizer),
-                            **calib_options)
+    key = TARGETS["trt-int8"].calibration
+    bundle = calibrate_int8(bundle, key, "s8s8", quantizer=quantizer_for("trt-int8", quantizer), **calib_options)
     bundle.save()  # the calibrated graph is kept even where no GPU can build the engine
-    return engines(bundle, qdq_artifact="trt-int8-onnx")
+    return engines(bundle, qdq_artifact=key)
 
 
 def build_trt_fp16(bundle: Bundle) -> Bundle:
@@ -114,8 +114,6 @@ def check(bundle: Bundle, data, n: int = 64) -> list[dict]:
 def build(bundle_dir, target: str, **options) -> Bundle:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    if target not in BUILDERS:
-        raise NotImplementedError(f"target {target!r} is not implemented yet")
     bundle = Bundle.load(bundle_dir)
     check_data = options.pop("check", None)
     bundle = BUILDERS[target](bundle, **options)

@@ -16,15 +16,16 @@ class Target:
     needs: str  # the extra to install
     description: str
     quantizers: tuple[str, ...] = ()  # INT8 targets: who may make its Q/DQ graph; the first is the default
+    calibration: str | None = None  # INT8 targets: the Q/DQ graph's artifact key, also its calibration record
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("onnx", "onnxruntime", "fp32", "cpu/cuda", "core", "FP32 ONNX, uint8 NHWC input, softmax output"),
     Target("ort-int8", "onnxruntime", "int8", "cpu", "core",
-           "U8S8 QDQ ONNX calibrated on real cells (VNNI CPUs)", ("ort",)),
+           "U8S8 QDQ ONNX calibrated on real cells (VNNI CPUs)", ("ort",), "ort-int8"),
     Target("trt-fp16", "tensorrt", "fp16", "cuda", "tensorrt", "TensorRT engine, strongly typed FP16"),
     Target("trt-int8", "tensorrt", "int8", "cuda", "tensorrt",
-           "TensorRT engine from S8S8 Q/DQ ONNX (--quantizer ort|modelopt)", ("ort", "modelopt")),
+           "TensorRT engine from S8S8 Q/DQ ONNX (--quantizer ort|modelopt)", ("ort", "modelopt"), "trt-int8-onnx"),
 )}
 
 

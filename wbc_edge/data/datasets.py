@@ -96,10 +96,10 @@ def from_image_folder(root, classes=None) -> CellDataset:
     return ds.filter_classes(classes) if classes else ds
 
 
-def from_manifest(csv_path, root=None, classes=None) -> CellDataset:
-    """A CSV with columns `path,label[,group]`; relative paths are relative to `root` or the CSV's folder."""
+def from_manifest(csv_path) -> CellDataset:
+    """A CSV with columns `path,label[,group]`; relative paths are relative to the CSV's folder."""
     csv_path = Path(csv_path)
-    base = Path(root) if root else csv_path.parent
+    base = csv_path.parent
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -107,8 +107,7 @@ def from_manifest(csv_path, root=None, classes=None) -> CellDataset:
         rows = list(reader)
     samples = [Sample(str(base / r["path"]), normalise_code(r["label"]) if r.get("label") else None,
                       r.get("group") or None) for r in rows]
-    ds = CellDataset(samples, str(base), _classes_of(samples))
-    return ds.filter_classes(classes) if classes else ds
+    return CellDataset(samples, str(base), _classes_of(samples))
 
 
 def write_manifest(path, rows) -> Path:
@@ -139,13 +138,13 @@ def load_labelled(source, classes, size: int | None, interpolation: str = "area"
     return x, np.asarray([list(classes).index(ds.samples[i].label) for i in kept], np.int64), errors
 
 
-def open_dataset(source, classes=None) -> CellDataset:
+def open_dataset(source) -> CellDataset:
     """A manifest CSV, an ImageFolder, or (if it has no class folders) a plain folder of crops."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        return from_manifest(source, classes=classes)
+        return from_manifest(source)
     if source.is_dir() and (source / "manifest.csv").is_file():
-        return from_manifest(source / "manifest.csv", classes=classes)
+        return from_manifest(source / "manifest.csv")
     if source.is_dir() and any(p.is_dir() for p in source.iterdir()):
-        return from_image_folder(source, classes)
+        return from_image_folder(source)
     return from_folder(source)

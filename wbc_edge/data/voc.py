@@ -76,8 +76,3 @@ def read_voc(path) -> VocAnnotation:
             boxes.setdefault(name, []).append(box)
     filename = (root.findtext("filename") or path.with_suffix(".jpg").name).strip()
     return VocAnnotation(filename, width, height, boxes, dropped)
-
-
-def read_voc_dir(annotations_dir) -> dict[str, VocAnnotation]:
-    """All `*.xml` in a folder, keyed by the file stem (which matches the JPEG stem in BCCD)."""
-    return {p.stem: read_voc(p) for p in sorted(Path(annotations_dir).glob("*.xml"))}

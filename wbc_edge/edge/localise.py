@@ -89,10 +89,6 @@ class Box:
     def as_list(self) -> list[float]:
         return [self.x0, self.y0, self.x1, self.y1]
 
-    @property
-    def area(self) -> int:  # the pipeline reads either name
-        return self.nucleus_area
-
 
 def nuclear_score(frame: np.ndarray, blur_sigma: float = 1.5) -> np.ndarray:
     """Per-pixel blueness B - (R+G)/2 (float32 HxW, roughly -60..130): high on nuclear dye only."""

@@ -29,7 +29,6 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..taxonomy import RARE_CODES
-from . import tta
 from .classifier import EnsembleClassifier
 from .preprocess import resize_batch
 from .quality import ImpulseGuard
@@ -99,10 +98,8 @@ def _box_row(box) -> dict:
     """The JSON fields of a localiser box (None in crops mode)."""
     if box is None:
         return {"box": None}
-    area = getattr(box, "nucleus_area", getattr(box, "area", None))
     return {"box": [round(float(v), 1) for v in (box.x0, box.y0, box.x1, box.y1)],
-            "score": round(float(box.score), 4) if getattr(box, "score", None) is not None else None,
-            "nucleus_area": int(area) if area is not None else None}
+            "score": round(float(box.score), 4), "nucleus_area": int(box.nucleus_area)}
 
 
 class CellLabeller:
@@ -456,11 +453,7 @@ def _make_sinks(out: Path, classes: list[str], source: Source, annotate: bool, r
 
 
 def _resolve_views(views, bundle: Bundle) -> list[str]:
-    if views is None:
-        return list(bundle.extra.get("tta", {}).get("views", ["id"]))
-    if isinstance(views, int):
-        return list(tta.PRESETS[views])
-    return [views] if isinstance(views, str) else list(views)
+    return list(views) if views is not None else list(bundle.extra.get("tta", {}).get("views", ["id"]))
 
 
 def _crop_size(source: Source, bundle: Bundle) -> int:

@@ -15,7 +15,7 @@ accumulator, so thousands of threads never contend for the same 16 addresses.
 from __future__ import annotations
 
 import numpy as np
-from numba import config, cuda, float32, float64, int32
+from numba import cuda, float32, float64, int32
 
 from . import _scalar
 from .features import N_ANGLES, OD_LUT, OTSU_STEP
@@ -185,8 +185,3 @@ def radial_profiles_cuda(nucleus, centroids, n_bins: int = N_ANGLES) -> np.ndarr
     out = cuda.to_device(np.full((d_nuc.shape[0], n_bins), -1.0, np.float32))
     _radial_k[d_nuc.shape[0], THREADS](d_nuc, _device(centroids, np.float64), out)
     return out.copy_to_host()
-
-
-def simulator_enabled() -> bool:
-    """True when numba.cuda is the simulator (set NUMBA_ENABLE_CUDASIM=1 before importing numba)."""
-    return bool(config.ENABLE_CUDASIM)

@@ -34,7 +34,7 @@ from . import _crop
 from ._crop import (N_STATS, STAT_C_AREA, STAT_C_SX, STAT_C_SY, STAT_CYT_AREA, STAT_CYT_LAP, STAT_CYT_LAP_N,
                     STAT_CYT_OD, STAT_N_AREA, STAT_N_LAP, STAT_N_LAP_N, STAT_N_OD, STAT_N_SX, STAT_N_SXX,
                     STAT_N_SXY, STAT_N_SY, STAT_N_SYY)
-from ._segment import CELL_CAP, RAY_BG_RUN, cell_one, nucleus_one  # noqa: F401 - re-exported knobs
+from ._segment import cell_one, nucleus_one
 from ._shape import shape_one
 
 FEATURE_NAMES: tuple[str, ...] = (
