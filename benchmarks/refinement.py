@@ -22,10 +22,11 @@ from pathlib import Path
 from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
+from wbc_edge.data.datasets import load_bundle_cells
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.confidence import fit_bundle_temperature, validation_cells
 from wbc_edge.edge.refine.biofilter import DEFAULT_PAIRS, pair_confusion
-from wbc_edge.edge.refine.refiner import (Refiner, fit_morphology, fit_refinement, fit_verification, labelled,
+from wbc_edge.edge.refine.refiner import (Refiner, fit_morphology, fit_refinement, fit_verification,
                                           select_phases)
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> dict:
         temperature = fit_bundle_temperature(b, a.val, val=cells)  # first, as `wbc-edge refine` does
         boost = fit_refinement(b, a.val, val=cells)
         morph = fit_morphology(b, a.morph, a.val, val=cells)
-        x, y = labelled(b, a.test)
+        x, y = load_bundle_cells(b, a.test)
         with EnsembleClassifier(b) as clf:
             probs = clf.predict(x)
         full = copy.deepcopy(b.extra["refine"])

@@ -6,10 +6,9 @@ import numpy as np
 
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
-from wbc_edge.data.datasets import write_manifest
+from wbc_edge.data.datasets import load_bundle_cells, write_manifest
 from wbc_edge.edge.classifier import EnsembleClassifier
 from wbc_edge.edge.confidence import apply_temperature, fit_bundle_temperature, fit_temperature, nll
-from wbc_edge.edge.refine.refiner import labelled
 
 
 def _overconfident(n=2000, k=5, t_true=2.5, seed=0):
@@ -38,7 +37,7 @@ def test_bundle_temperature_lowers_held_out_ece_and_the_classifier_applies_it(tm
     shutil.copytree(sample_bundle, work)
     b = Bundle.load(work)
     b.extra.pop("confidence", None)
-    x, y = labelled(b, sample_dir / "cells")
+    x, y = load_bundle_cells(b, sample_dir / "cells")
     rows = sorted(r for r in (sample_dir / "cells").glob("*/*.jpg") if r.parent.name in b.classes)
     assert [r.parent.name for r in rows] == [b.classes[i] for i in y]  # the order `labelled` read them in
     write_manifest(tmp_path / "fit.csv", ((str(r), r.parent.name) for r in rows[::2]))  # fit on every other cell

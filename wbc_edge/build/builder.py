@@ -5,7 +5,7 @@ import logging
 import tempfile
 
 from ..bundle import Bundle
-from .surgery import build_member_graph, raw_graph_path
+from .surgery import build_bundle_member_graph, raw_graph_path
 from .targets import TARGETS, quantizer_for
 
 log = logging.getLogger("wbc_edge.build")
@@ -14,14 +14,11 @@ log = logging.getLogger("wbc_edge.build")
 def build_onnx(bundle: Bundle, fuse: bool = False) -> Bundle:
     """Re-run graph surgery from each member's raw export (uint8 in, softmax out, metadata); with
     `fuse`, also one graph for the whole ensemble."""
-    pp = bundle.preprocess
     for m in bundle.members:
         with tempfile.TemporaryDirectory() as tmp:
             raw = raw_graph_path(bundle, m, tmp)
             m.onnx = f"{m.name}.onnx"
-            build_member_graph(raw, bundle.path(m.onnx), pp.mean, pp.std,
-                               {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": m.name,
-                                "arch": m.arch, "ensemble_weight": m.weight})
+            build_bundle_member_graph(bundle, m, raw, m.onnx, arch=m.arch, ensemble_weight=m.weight)
     if fuse:
         from .fuse import fuse_bundle
 

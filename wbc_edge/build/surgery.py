@@ -117,6 +117,15 @@ def set_metadata(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     return model
 
 
+def build_bundle_member_graph(bundle, member, raw_path, out_name: str, **metadata) -> Path:
+    """`build_member_graph` with the bundle's preprocessing and the metadata every member graph carries
+    (classes, preprocessing, member name), then `metadata`; written to `out_name` in the bundle."""
+    pp = bundle.preprocess
+    return build_member_graph(raw_path, bundle.path(out_name), pp.mean, pp.std,
+                              {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": member.name,
+                               **metadata})
+
+
 def build_member_graph(raw_path, out_path, mean, std, metadata: dict) -> Path:
     """Raw exported graph -> deployable graph (uint8 in, probabilities out, metadata), checked."""
     model = onnx.load(str(raw_path))

@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import metrics
 from ..bundle import Bundle
-from ..data.datasets import load_labelled
+from ..data.datasets import load_bundle_cells
 from ..edge.classifier import EnsembleClassifier
 
 
@@ -20,8 +20,7 @@ def _predict(bundle: Bundle, images: np.ndarray, artifact: str | None) -> np.nda
 
 def compare_to_fp32(bundle: Bundle, val_data, artifact: str = "ort-int8", precision: str = "int8") -> dict:
     """Top-1 agreement, macro-F1 of both, the drop, and per-class recall drop (FP32 - reduced)."""
-    pp = bundle.preprocess
-    images, y_idx, _ = load_labelled(val_data, bundle.classes, pp.input_size, pp.interpolation)
+    images, y_idx = load_bundle_cells(bundle, val_data)
     y = [bundle.classes[i] for i in y_idx]
     ref, red = _predict(bundle, images, None), _predict(bundle, images, artifact)
     names = np.asarray(bundle.classes)

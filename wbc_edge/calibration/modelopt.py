@@ -20,7 +20,7 @@ import numpy as np
 
 from .._optional import require
 from ..bundle import Bundle
-from ..build.surgery import build_member_graph, raw_graph_path
+from ..build.surgery import build_bundle_member_graph, raw_graph_path
 from .reader import FloatBatchReader
 
 EXTRA = "modelopt"
@@ -81,8 +81,5 @@ def quantize_member(bundle: Bundle, member, images: np.ndarray, out_name: str, m
                     high_precision_dtype=high_precision, output_path=str(qdq), log_level="WARNING")
         if not qdq.is_file():
             raise RuntimeError(f"ModelOpt wrote no quantised graph for member {member.name!r}")
-        pp = bundle.preprocess
-        meta = {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": member.name,
-                "precision": "int8-modelopt", "calibration": method, "quantizer": "modelopt",
-                "high_precision": high_precision}
-        return build_member_graph(qdq, bundle.path(out_name), pp.mean, pp.std, meta)
+        return build_bundle_member_graph(bundle, member, qdq, out_name, precision="int8-modelopt",
+                                         calibration=method, quantizer="modelopt", high_precision=high_precision)

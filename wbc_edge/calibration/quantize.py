@@ -13,7 +13,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..bundle import Bundle
-from ..build.surgery import build_member_graph, raw_graph_path
+from ..build.surgery import build_bundle_member_graph, raw_graph_path
 from .reader import FloatBatchReader
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -40,7 +40,5 @@ def quantize_member(bundle: Bundle, member, images, out_name: str, method: str =
         reader = FloatBatchReader(images, bundle, equal_batches=method != "minmax")
         quantize_static(str(prepped), str(qdq), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, calibrate_method=METHODS[method], extra_options=extra, **opts)
-        pp = bundle.preprocess
-        return build_member_graph(qdq, bundle.path(out_name), pp.mean, pp.std,
-                                  {"classes": bundle.classes, "preprocess": pp.to_dict(), "member": member.name,
-                                   "precision": f"int8-{scheme}", "calibration": method})
+        return build_bundle_member_graph(bundle, member, qdq, out_name, precision=f"int8-{scheme}",
+                                         calibration=method)

@@ -138,6 +138,13 @@ def load_labelled(source, classes, size: int | None, interpolation: str = "area"
     return x, np.asarray([list(classes).index(ds.samples[i].label) for i in kept], np.int64), errors
 
 
+def load_bundle_cells(bundle, data, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of `data` labelled with one of the bundle's classes, at the bundle's input size and
+    interpolation -> (images, class indices): what its classifier is fitted and checked on."""
+    pp = bundle.preprocess
+    return load_labelled(data, bundle.classes, pp.input_size, pp.interpolation, progress)[:2]
+
+
 def open_dataset(source) -> CellDataset:
     """A manifest CSV, an ImageFolder, or (if it has no class folders) a plain folder of crops."""
     source = Path(source)

@@ -57,9 +57,9 @@ def validation_cells(bundle, val_data, progress: bool = False) -> tuple[np.ndarr
     """(cells at the bundle's input size, class indices, the ensemble's uncalibrated probabilities): read
     and predicted once, then shared by every fit of `wbc-edge refine`."""
     from .classifier import EnsembleClassifier
-    from .refine.refiner import labelled
+    from ..data.datasets import load_bundle_cells
 
-    x, y = labelled(bundle, val_data, progress)
+    x, y = load_bundle_cells(bundle, val_data, progress)
     with EnsembleClassifier(bundle, calibrated=False) as clf:
         return x, y, clf.predict(x)
 

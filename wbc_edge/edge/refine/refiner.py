@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...data.datasets import load_bundle_cells
 from ..confidence import calibrated_validation
 from .boost import adjusted, fit_offsets
 
@@ -159,14 +160,6 @@ def fit_half(y: np.ndarray) -> np.ndarray:
     return half
 
 
-def labelled(bundle, data, progress: bool = False):
-    """The bundle's classes' cells of `data`, at the bundle's input size -> (images, class indices)."""
-    from ...data.datasets import load_labelled
-
-    pp = bundle.preprocess
-    return load_labelled(data, bundle.classes, pp.input_size, pp.interpolation, progress)[:2]
-
-
 def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None = None, progress: bool = False,
                    val=None) -> dict:
     """Fit per-class morphology models on `morph_data` (training cells), decide on `val_data` whether
@@ -177,7 +170,7 @@ def fit_morphology(bundle, morph_data, val_data, pairs=None, close: float | None
     from .models import MorphologyModel
 
     pairs = [tuple(p) for p in (pairs or DEFAULT_PAIRS)]
-    xm, ym = labelled(bundle, morph_data, progress)
+    xm, ym = load_bundle_cells(bundle, morph_data, progress)
     model = MorphologyModel.fit(morphology_features(xm), [bundle.classes[i] for i in ym], bundle.classes)
     xv, yv, probs = calibrated_validation(bundle, val_data, val, progress)
     config = {k: v for k, v in bundle.extra.get("refine", {}).items() if k != "morphology"}
