@@ -24,8 +24,10 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     out.mkdir(parents=True, exist_ok=True)
     with EnsembleClassifier(bundle, device, views, precision) as clf:
         refiner = Refiner.for_bundle(bundle, refine, device)
-        rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner))
-        refiner.close()
+        try:
+            rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner))
+        finally:
+            refiner.close()
         runner = clf.runners[0].name
     for r in rows:
         if r.get("pred") and r["label"] not in bundle.classes:

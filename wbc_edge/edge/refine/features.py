@@ -36,6 +36,7 @@ from ._crop import (N_STATS, STAT_C_AREA, STAT_C_SX, STAT_C_SY, STAT_CYT_AREA, S
                     STAT_N_SXY, STAT_N_SY, STAT_N_SYY)
 from ._segment import cell_one, nucleus_one
 from ._shape import shape_one
+from ..stain import _od_lut
 
 FEATURE_NAMES: tuple[str, ...] = (
     "nucleus_area",       # px^2
@@ -55,8 +56,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 
-# Natural-log optical density of each 8-bit level; +1 keeps a black pixel finite.
-OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
+# Natural-log optical density of each 8-bit level (the stain module's table, white at 256); +1 keeps a
+# black pixel finite.
+OD_LUT = _od_lut(256.0)
 
 REF_SIZE = 176           # lengths below are for this crop size and scale with S
 MIN_NUCLEUS_AREA = 15.0  # px^2: smaller dark specks (platelets beside the cell, debris) are ignored
