@@ -400,3 +400,33 @@ def test_tensorrt_api_used_exists_in_the_type_stubs():
                 missing.append(f"{rel}: trt.{owner}" + (f".{attr}" if attr else ""))
     assert checked >= 40, f"only {checked} TensorRT references found: the scan is not seeing the code"
     assert not missing, f"not in tensorrt-stubs {version}: {missing}"
+
+
+def test_classifier_on_cuda_asks_for_the_members_engine_and_falls_back_cleanly(bundle_copy, sample_dir, caplog):
+    """`--device cuda --precision fp16` hands each member's built engine to the runner chain; on a machine
+    without TensorRT/CUDA (here) it falls back to ORT on the FP32 graph and gives the FP32 result."""
+    import logging
+
+    import numpy as np
+
+    from wbc_edge.bundle import Bundle
+    from wbc_edge.data.datasets import load_bundle_cells
+    from wbc_edge.edge.classifier import EnsembleClassifier
+
+    b = Bundle.load(bundle_copy)
+    (bundle_copy / "engines").mkdir()
+    (bundle_copy / "engines" / "m0.fp16.engine").write_bytes(b"not run here")
+    b.members[0].artifacts["trt-fp16"] = "engines/m0.fp16.engine"
+    b.save()
+    b = Bundle.load(bundle_copy)
+    x = load_bundle_cells(b, sample_dir / "cells")[0][::15]
+    with caplog.at_level(logging.WARNING, logger="wbc_edge.runners"), \
+            EnsembleClassifier(b, device="cuda", precision="fp16") as gpu:
+        assert gpu._engine(b.members[0]) == bundle_copy / "engines" / "m0.fp16.engine"
+        assert gpu._graph(b.members[0]) == b.members[0].onnx
+        got = gpu.predict(x)
+    tried = [r.getMessage() for r in caplog.records if "runner tensorrt unavailable" in r.getMessage()]
+    assert tried and not any("no TensorRT engine built" in m for m in tried)  # it had the engine to try
+    with EnsembleClassifier(b) as cpu:
+        np.testing.assert_allclose(got, cpu.predict(x), atol=1e-6)
+    assert EnsembleClassifier(b, device="cpu", precision="fp16")._engine(b.members[0]) is None

@@ -19,9 +19,12 @@ class EnsembleClassifier:
         self.bundle, self.device, self.precision = bundle, device, precision
         # the bundle's confidence temperature (1: none); calibrated=False gives the raw ensemble mean
         self.temperature = float((bundle.extra.get("confidence") or {}).get("temperature", 1.0)) if calibrated else 1.0
-        self.artifact = artifact or (None if precision == "fp32" else f"ort-{precision}")
+        # the ONNX graph each runner loads: FP32, or the INT8 Q/DQ graph. On CUDA, FP16 and INT8 run the
+        # member's TensorRT engine (`_engine`) when one is built; the ONNX graph is the ORT fallback.
+        cuda_fp16 = device == "cuda" and precision == "fp16"
+        self.artifact = artifact or (None if precision == "fp32" or cuda_fp16 else f"ort-{precision}")
         # one engine call for the whole ensemble when the bundle has a fused FP32 graph
-        self.fused = fused and self.artifact is None and "fused" in bundle.extra
+        self.fused = fused and self.artifact is None and precision == "fp32" and "fused" in bundle.extra
         self.views = views or bundle.extra.get("tta", {}).get("views", ["id"])
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
@@ -33,10 +36,21 @@ class EnsembleClassifier:
     def _graph(self, member) -> str:
         if self.artifact is None:
             return member.onnx
-        if self.artifact not in member.artifacts:
-            raise ValueError(f"member {member.name!r} has no {self.artifact} graph; "
-                             f"run `wbc-edge build --target {self.artifact}`")
-        return member.artifacts[self.artifact]
+        # on CUDA an INT8 TensorRT build's own S8S8 Q/DQ graph also serves as the ORT fallback
+        alternatives = [self.artifact] + (["trt-int8-onnx"] if self.device == "cuda" and self.artifact == "ort-int8"
+                                          else [])
+        for key in alternatives:
+            if key in member.artifacts:
+                return member.artifacts[key]
+        raise ValueError(f"member {member.name!r} has no {self.artifact} graph; "
+                         f"run `wbc-edge build --target {self.artifact}`")
+
+    def _engine(self, member):
+        """The member's TensorRT engine for this precision on CUDA (`build --target trt-fp16|trt-int8`)."""
+        if self.device != "cuda" or self.precision not in ("fp16", "int8"):
+            return None
+        engine = member.artifacts.get(f"trt-{self.precision}")
+        return self.bundle.path(engine) if engine else None
 
     def activate(self) -> "EnsembleClassifier":
         if self.fused:
@@ -44,8 +58,8 @@ class EnsembleClassifier:
                                         threads=self.threads)]
             self.weights = np.ones(1)
             return self
-        self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, threads=self.threads)
-                        for m in self.bundle.members]
+        self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, engine_path=self._engine(m),
+                                    threads=self.threads) for m in self.bundle.members]
         return self
 
     def deactivate(self) -> None:
