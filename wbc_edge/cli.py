@@ -113,17 +113,33 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
 @click.option("--views", help="comma-separated TTA views (default: the bundle's)")
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
-def evaluate(data, bundle, out, device, precision, views, refine):
+@click.option("--label-map", metavar="NAME|FILE.yaml", help="map labels and predictions, e.g. 5part; default: automatic")
+def evaluate(data, bundle, out, device, precision, views, refine, label_map):
     """Score BUNDLE on labelled DATA: per-class table, macro-F1, confusion matrix PNG."""
     from .evaluate import evaluate as run_evaluate
     from .metrics import format_report
 
-    rep = run_evaluate(bundle, data, out, device, precision, views.split(",") if views else None, refine=refine)
-    click.echo(format_report(rep))
-    click.echo(f"\nmacro-F1 {rep['macro_f1']:.4f} on {rep['n_scored']} cells ({rep['runner']}, views {rep['views']}); "
-               f"{rep['n_unknown_label']} with labels outside the model's classes, "
+    rep = run_evaluate(bundle, data, out, device, precision, views.split(",") if views else None, refine=refine,
+                       label_map=label_map)
+    if rep["scored_on"] == "model":
+        click.echo(format_report(rep))
+        click.echo(f"\nmacro-F1 {rep['macro_f1']:.4f} on {rep['n']} cells labelled with the model's classes")
+    if "mapped" in rep:
+        m = rep["mapped"]
+        click.echo(f"\nlabels and predictions mapped through label map {m['map']}:\n{format_report(m)}")
+        click.echo(f"\n{m['map']} macro-F1 {m['macro_f1']:.4f} on {m['n']} cells")
+    click.echo(f"({rep['runner']}, views {rep['views']}); {rep['n_unknown_label']} with labels not scored, "
                f"{rep['n_unreadable']} unreadable")
-    click.echo(f"results in {out}/ (metrics.json, predictions.jsonl, confusion.png, reliability.png)")
+    click.echo(f"results in {out}/ ({', '.join(rep['files'])})")
+
+
+def _scale_options(f):
+    """The physical-scale options evaluate and stream share."""
+    f = click.option("--scale-per", type=click.Choice(["slide", "image"]), default="slide", show_default=True,
+                     help="estimate the physical scale from red cells pooled over a slide (a folder of frames or "
+                          "crops, a video/camera stream, a dataset or its `group` column) or per image")(f)
+    return click.option("--pixel-size", type=click.FloatRange(min=0, min_open=True),
+                        help="um per pixel of the input when known (default: estimated from red cells)")(f)
 
 
 @main.command()
@@ -148,6 +164,7 @@ def evaluate(data, bundle, out, device, precision, views, refine):
 @click.option("--retries", type=int, default=5, show_default=True, help="camera reconnect attempts")
 @click.option("--watch-idle", "watch_idle_s", type=float, default=10.0, show_default=True)
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
+@_scale_options
 def stream(source, bundle, out, mode, crops_flag, views, **opts):
     """Classify the white cells in SOURCE: per-cell rows, a differential count, a review queue, a report."""
     from .edge.pipeline import run_stream

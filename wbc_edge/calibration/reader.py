@@ -6,11 +6,12 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from ..bundle import Bundle
 from ..data.datasets import open_dataset
-from ..edge.preprocess import normalise
+from ..edge.preprocess import Preprocessor, normalise
 
 
 def calibration_images(bundle: Bundle, data, n: int = 256, seed: int = 0, progress: bool = False) -> np.ndarray:
-    """Up to `n` images from `data`, stratified by label when labelled, resized to the bundle's size."""
+    """Up to `n` images from `data`, stratified by label when labelled, prepared by the bundle's
+    preprocessor (scale, window, resize, stain step: what the graph sees at run time)."""
     ds = open_dataset(data)
     if not len(ds):
         raise ValueError(f"{data}: no images to calibrate on")
@@ -19,8 +20,7 @@ def calibration_images(bundle: Bundle, data, n: int = 256, seed: int = 0, progre
     classes = np.unique(labels)
     per_class = max(1, n // len(classes))
     picks = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
-    pp = bundle.preprocess
-    images, _, errors = ds.subset(np.sort(picks)).load(pp.input_size, pp.interpolation, progress=progress)
+    images, _, errors, _ = Preprocessor.for_bundle(bundle).load(ds.subset(np.sort(picks)), progress=progress)
     if len(images) == 0:
         raise ValueError(f"{data}: none of the calibration images could be read ({errors[:3]})")
     return images

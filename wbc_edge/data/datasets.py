@@ -6,6 +6,7 @@ unreadable images come back as `LoadError`s (path + reason) beside the images th
 from __future__ import annotations
 
 import csv
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..edge.preprocess import resize_batch
-from ..taxonomy import normalise_code
+from ..taxonomy import UnknownClassError, normalise_code
 from .images import ImageReadError, is_image_file, read_image
+
+log = logging.getLogger("wbc_edge.datasets")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class CellDataset:
     samples: list[Sample]
     root: str = ""
     classes: list[str] = field(default_factory=list)
+    # label as written -> paths of its files, for labels that are no class code: left out of the
+    # samples, but kept so that a caller can still account for every input
+    skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -56,12 +61,12 @@ class CellDataset:
         names = set(names)
         return CellDataset([s for s in self.samples if Path(s.path).name not in names], self.root, self.classes)
 
-    def load(self, size: int | None, interpolation: str = "area", progress: bool = True, workers: int = 4):
-        """Read every image (resized to `size` if given) -> (uint8 NxSxSx3, kept indices, errors)."""
+    def load(self, progress: bool = True, workers: int = 4):
+        """Read every image at its native size -> (list of uint8 HxWx3, kept indices, errors). Cells
+        become model input only through `wbc_edge.edge.preprocess.Preprocessor`."""
         def read(i):
             try:
-                img = read_image(self.samples[i].path)
-                return i, (resize_batch([img], size, interpolation)[0] if size else img), None
+                return i, read_image(self.samples[i].path), None
             except ImageReadError as exc:
                 return i, None, LoadError(exc.path, exc.reason)
 
@@ -75,25 +80,45 @@ class CellDataset:
                     kept.append(i)
                 else:
                     errors.append(err)
-        stack = np.stack(images) if images and size else images
-        return stack, np.asarray(kept, dtype=np.int64), errors
+        return images, np.asarray(kept, dtype=np.int64), errors
 
 
 def _classes_of(samples: list[Sample]) -> list[str]:
     return sorted({s.label for s in samples if s.label is not None})
 
 
+def _code_or_none(label: str) -> str | None:
+    try:
+        return normalise_code(label)
+    except UnknownClassError:
+        return None
+
+
+def _warn_skipped(source, skipped: dict[str, list[str]]) -> None:
+    if skipped:
+        listed = ", ".join(f"{label!r} ({len(paths)} files)" for label, paths in skipped.items())
+        log.warning("%s: skipped labels that are no class code: %s", source, listed)
+
+
 def from_image_folder(root, classes=None) -> CellDataset:
-    """`root/<CODE>/<file>`: every image file under a class folder is a sample (unreadable ones too)."""
+    """`root/<CODE>/<file>`: every image file under a class folder is a sample (unreadable ones too);
+    folders whose name is no class code are skipped and listed in `skipped`."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    samples = []
+    samples, skipped = [], {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        code = normalise_code(d.name)
-        samples += [Sample(str(p), code) for p in sorted(d.iterdir()) if is_image_file(p)]
+        files = [str(p) for p in sorted(d.iterdir()) if is_image_file(p)]
+        code = _code_or_none(d.name)
+        if code is None:
+            skipped[d.name] = files
+        else:
+            samples += [Sample(f, code) for f in files]
+    _warn_skipped(root, skipped)
     ds = CellDataset(samples, str(root), _classes_of(samples))
-    return ds.filter_classes(classes) if classes else ds
+    ds = ds.filter_classes(classes) if classes else ds
+    ds.skipped = skipped
+    return ds
 
 
 def from_manifest(csv_path) -> CellDataset:
@@ -105,9 +130,15 @@ def from_manifest(csv_path) -> CellDataset:
         if not reader.fieldnames or "path" not in reader.fieldnames:
             raise ValueError(f"{csv_path}: a manifest needs a 'path' column (has {reader.fieldnames})")
         rows = list(reader)
-    samples = [Sample(str(base / r["path"]), normalise_code(r["label"]) if r.get("label") else None,
-                      r.get("group") or None) for r in rows]
-    return CellDataset(samples, str(base), _classes_of(samples))
+    samples, skipped = [], {}
+    for r in rows:
+        code = _code_or_none(r["label"]) if r.get("label") else None
+        if r.get("label") and code is None:
+            skipped.setdefault(r["label"], []).append(str(base / r["path"]))
+        else:
+            samples.append(Sample(str(base / r["path"]), code, r.get("group") or None))
+    _warn_skipped(csv_path, skipped)
+    return CellDataset(samples, str(base), _classes_of(samples), skipped)
 
 
 def write_manifest(path, rows) -> Path:
@@ -128,10 +159,11 @@ def from_folder(root) -> CellDataset:
     return CellDataset([Sample(str(p)) for p in files], str(root), [])
 
 
-def load_labelled(source, classes, size: int | None, interpolation: str = "area", progress: bool = False):
-    """Readable images of `source` whose label is in `classes` -> (uint8 images, class indices, errors)."""
+def load_labelled(source, classes, preprocessor, progress: bool = False):
+    """Readable images of `source` whose label is in `classes`, prepared by `preprocessor` (the bundle's)
+    -> (uint8 model-input batch, class indices, errors)."""
     ds = open_dataset(source).filter_classes(classes)
-    x, kept, errors = ds.load(size, interpolation, progress=progress)
+    x, kept, errors, _ = preprocessor.load(ds, progress=progress)
     if not len(kept):
         why = f" ({len(errors)} unreadable, e.g. {errors[0].path}: {errors[0].reason})" if errors else ""
         raise ValueError(f"{source}: no readable images with a label among {list(classes)}{why}")
@@ -139,10 +171,11 @@ def load_labelled(source, classes, size: int | None, interpolation: str = "area"
 
 
 def load_bundle_cells(bundle, data, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The cells of `data` labelled with one of the bundle's classes, at the bundle's input size and
-    interpolation -> (images, class indices): what its classifier is fitted and checked on."""
-    pp = bundle.preprocess
-    return load_labelled(data, bundle.classes, pp.input_size, pp.interpolation, progress)[:2]
+    """The cells of `data` labelled with one of the bundle's classes, through the bundle's preprocessor
+    -> (model-input images, class indices): what its classifier is fitted and checked on."""
+    from ..edge.preprocess import Preprocessor
+
+    return load_labelled(data, bundle.classes, Preprocessor.for_bundle(bundle), progress)[:2]
 
 
 def open_dataset(source) -> CellDataset:

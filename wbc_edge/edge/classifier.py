@@ -7,11 +7,11 @@ from ..bundle import Bundle
 from . import tta
 from .confidence import apply_temperature
 from .runners import Runner, open_runner
-from .stain import StainReference, bundle_stain, prepare_crops
 
 
 class EnsembleClassifier:
-    """uint8 crops (any size) -> (B, C) probabilities; one runner call per member per chunk."""
+    """Model-input cells (uint8 BxSxSx3 from the bundle's `Preprocessor`) -> (B, C) probabilities; one
+    runner call per member per chunk."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
                  precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
@@ -30,8 +30,6 @@ class EnsembleClassifier:
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
-        ref = bundle_stain(bundle)  # the model was trained on normalised cells: same step, same reference
-        self.stain = StainReference.from_dict(ref) if ref else None
 
     def _graph(self, member) -> str:
         if self.artifact is None:
@@ -73,9 +71,12 @@ class EnsembleClassifier:
         self.deactivate()
         return False
 
-    def predict(self, crops) -> np.ndarray:
-        pp = self.bundle.preprocess
-        batch = prepare_crops(crops, pp.input_size, pp.interpolation, self.stain)
+    def predict(self, batch) -> np.ndarray:
+        size = self.bundle.preprocess.input_size
+        batch = np.asarray(batch)
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected model-input cells (uint8 Bx{size}x{size}x3 from "
+                             f"Preprocessor.for_bundle), got {batch.dtype} {batch.shape}")
         chunk = max(1, self.max_batch // len(self.views))
         if not len(batch):
             return np.zeros((0, len(self.bundle.classes)), np.float32)

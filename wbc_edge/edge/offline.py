@@ -12,37 +12,31 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import CellDataset
 from .classifier import EnsembleClassifier
-from .preprocess import resize_batch
-from .quality import ImpulseGuard
+from .preprocess import Preprocessor
 
 
-def _read_chunk(ds: CellDataset, idx, size: int, interpolation: str, guard=None):
-    """(resized batch or None, dataset indices of its rows, error rows by dataset index, which rows
-    the impulse guard restored). With a guard, images are read at native size, guarded, then resized."""
+def _read_chunk(ds: CellDataset, idx, pre: Preprocessor):
+    """(prepared cells or None, dataset indices of its rows, error rows by dataset index)."""
     idx = list(idx)
-    batch, kept, errors = ds.subset(idx).load(None if guard else size, interpolation, progress=False)
-    restored = np.zeros(len(kept), bool)
-    if guard is not None and len(kept):
-        guarded = [guard(im) for im in batch]
-        restored[:] = [r for _, r in guarded]
-        batch = resize_batch([im for im, _ in guarded], size, interpolation)
+    batch, kept, errors, prepared = pre.load(ds.subset(idx))
     by_path = {ds.samples[i].path: i for i in idx}
     rows = {by_path[e.path]: {"path": e.path, "label": ds.samples[by_path[e.path]].label, "pred": None,
                               "error": e.reason} for e in errors}
-    return (batch if len(kept) else None), [idx[k] for k in kept], rows, restored
+    return (prepared if len(kept) else None), [idx[k] for k in kept], rows
 
 
 def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int = 64, top_k: int = 3,
-                     progress: bool = True, refiner=None):
-    """Yield one row per sample, in dataset order (refined, with the changes recorded, if a refiner is given)."""
+                     progress: bool = True, refiner=None, pre: Preprocessor | None = None):
+    """Yield one row per sample, in dataset order (refined, with the changes recorded, if a refiner is
+    given); each row carries the cell's scale and where it came from."""
     classes = clf.bundle.classes
-    pp = clf.bundle.preprocess
-    guard = ImpulseGuard.for_bundle(clf.bundle)
+    pre = pre or Preprocessor.for_bundle(clf.bundle)
     bar = tqdm(total=len(ds), desc="classifying", unit="cell", disable=not progress)
     for start in range(0, len(ds), batch_size):
         idx = range(start, min(start + batch_size, len(ds)))
-        batch, ok, rows, restored = _read_chunk(ds, idx, pp.input_size, pp.interpolation, guard)
-        if batch is not None:
+        prepared, ok, rows = _read_chunk(ds, idx, pre)
+        if prepared is not None:
+            batch = prepared.batch
             probs = clf.predict(batch)
             final, changes = refiner(probs, batch) if refiner is not None and refiner.active \
                 else (probs.argmax(1), None)
@@ -50,10 +44,11 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
                 top = np.argsort(-p)[:top_k]
                 rows[i] = {"path": ds.samples[i].path, "label": ds.samples[i].label, "pred": classes[final[n]],
                            "confidence": float(p[final[n]]),
-                           "top_k": [[classes[j], round(float(p[j]), 6)] for j in top], "probs": p}
+                           "top_k": [[classes[j], round(float(p[j]), 6)] for j in top],
+                           **prepared.scales[n].as_row(), "probs": p}
                 if changes and changes[n]:
                     rows[i].update(pred_raw=changes[n][0]["from"], refine=changes[n])
-                if restored[n]:
+                if prepared.restored[n]:
                     rows[i]["restored"] = "impulse_noise"
         for i in idx:
             yield rows[i]

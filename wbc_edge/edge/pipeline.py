@@ -30,8 +30,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..taxonomy import RARE_CODES
 from .classifier import EnsembleClassifier
-from .preprocess import resize_batch
-from .quality import ImpulseGuard
+from .preprocess import Preprocessor
 from .sinks import (
     AnnotatedFrames,
     CsvCells,
@@ -67,6 +66,7 @@ class StreamSummary:
     cells: int = 0
     errors: dict = field(default_factory=dict)  # {"count", "examples": first few {source, index, error}}
     restored_frames: int = 0  # frames/crops the impulse guard restored (their rows say so)
+    scales: dict = field(default_factory=dict)  # per slide: the last scale its cells got (um/px, source)
     differential: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)  # per stage: total_s, calls, ms_per_call, ms_per_frame
     fps: float = 0.0
@@ -91,7 +91,13 @@ class StreamSummary:
 class _Located:
     frame: Frame
     boxes: list
-    crops: np.ndarray
+    crops: np.ndarray  # canonical cells (the preprocessor's output before its stain step)
+    scale: object = None  # the frame's (or crop's) Scale
+
+
+def slide_of(frame: Frame) -> str:
+    """The slide a frame belongs to, for scales pooled per slide: a file's folder, else the stream."""
+    return str(Path(frame.source).parent) if frame.pos is None else frame.source
 
 
 def _box_row(box) -> dict:
@@ -124,14 +130,18 @@ class CellLabeller:
         return self.refiner(probs, crops)
 
     def rows(self, frame: Frame, boxes: list, probs: np.ndarray, crops_mode: bool, final=None,
-             changes=None) -> list[dict]:
-        """Rows of one frame; `final`/`changes` are this frame's slice of `refine` (None: no refinement)."""
+             changes=None, scale=None) -> list[dict]:
+        """Rows of one frame; `final`/`changes` are this frame's slice of `refine` (None: no refinement);
+        every cell carries the frame's `scale` (um/px) and where it came from."""
         base = {"source": frame.source, "frame": frame.index}
         if frame.error and crops_mode:  # in crops mode the input *is* the cell: keep one row per input
             return [{**base, "cell": 0, "box": None, "pred": None, "error": frame.error}]
         probs = np.asarray(probs)
         final = probs.argmax(-1) if final is None else final
         rows = [self._row(base, i, box, p, int(k)) for i, (box, p, k) in enumerate(zip(boxes, probs, final))]
+        if scale is not None:
+            for row in rows:
+                row.update(scale.as_row())
         for row, ch in zip(rows, changes or []):
             if ch:  # the refinement moved this cell: keep the ensemble's class and how it changed
                 row.update(pred_raw=ch[0]["from"], refine=ch)
@@ -165,13 +175,13 @@ class Pipeline:
     """Threads and queues for one run; `run()` blocks until the source ends or Ctrl-C."""
 
     def __init__(self, source: Source, clf: EnsembleClassifier, sinks: list[Sink], labeller: CellLabeller,
-                 crop_size: int, margin: float | None = None, localiser_config=None, max_batch: int = 64,
+                 pre: Preprocessor, localiser_config=None, max_batch: int = 64,
                  max_delay_ms: float = 20.0, workers: int = 1, keep_images: bool = False,
-                 on_progress: Callable[[dict], None] | None = None, localiser=None, guard=None):
+                 on_progress: Callable[[dict], None] | None = None, localiser=None):
         self.source, self.clf, self.sinks, self.labeller = source, clf, sinks, labeller
-        self.guard = guard  # the bundle's impulse-noise restoration, on each frame/crop at native size
+        self.pre = pre  # the bundle's preprocessor: impulse guard, scale, canonical cells, stain step
         self.crops_mode = source.kind == "crops"
-        self.crop_size, self.margin, self.keep_images = crop_size, margin, keep_images
+        self.crop_size, self.keep_images = pre.size, keep_images
         self.loc = None if self.crops_mode else (localiser or _load_localiser())
         if self.loc is not None and localiser_config is None:
             localiser_config = self.loc.LocaliserConfig()  # the localiser's own defaults
@@ -187,6 +197,7 @@ class Pipeline:
         self.times, self.latency, self.rss = StageTimes(), LogHistogram(), RssTrace()
         self.frames = self.cells = self.n_errors = self.n_batches = self.batched_crops = self.max_seen = 0
         self.n_restored = 0
+        self.scales: dict[str, dict] = {}
         self.error_examples: list[dict] = []
         self.fatal: BaseException | None = None
         self.interrupted, self.n_interrupts = False, 0
@@ -250,32 +261,31 @@ class Pipeline:
         empty = np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8)
         if frame.image is None:
             return _Located(frame, [], empty)
-        if self.guard is not None:
-            t0 = time.perf_counter()
-            frame.image, frame.restored = self.guard(frame.image)
-            self.times.add("restore", time.perf_counter() - t0)
-        if self.crops_mode:  # the image is the cell: only resize it
-            t0 = time.perf_counter()
-            crops = resize_batch([frame.image], self.crop_size)
-            self.times.add("crop", time.perf_counter() - t0)
-            return self._done_with_image(_Located(frame, [None], crops))
+        t0 = time.perf_counter()
+        frame.image, frame.restored = self.pre.guarded(frame.image)
+        scale = self.pre.scale_of(frame.image, slide_of(frame))
+        t1 = time.perf_counter()
+        self.times.add("restore+scale", t1 - t0)
+        if self.crops_mode:  # the image is the cell
+            crops = self.pre.canonical(frame.image, scale)[None]
+            self.times.add("crop", time.perf_counter() - t1)
+            return self._done_with_image(_Located(frame, [None], crops, scale))
         try:
-            boxes, crops = self._boxes_and_crops(frame.image)
+            boxes, crops = self._boxes_and_crops(frame.image, scale)
         except Exception as exc:  # noqa: BLE001 - one odd frame must not end a microscope run
             log.warning("frame %d (%s): localiser failed: %s", frame.index, frame.source, exc)
             frame.error, frame.image = f"localiser failed: {exc}", None
             return _Located(frame, [], empty)
-        return self._done_with_image(_Located(frame, boxes, crops if len(boxes) else empty))
+        return self._done_with_image(_Located(frame, boxes, crops if len(boxes) else empty, scale))
 
-    def _boxes_and_crops(self, image: np.ndarray):
+    def _boxes_and_crops(self, image: np.ndarray, scale):
         t0 = time.perf_counter()
-        boxes = self.loc.localise(image, self.loc_config)
+        boxes = self.loc.localise(image, self.loc_config, rbc_px=scale.rbc_px)
         t1 = time.perf_counter()
         self.times.add("localise", t1 - t0)
         if not boxes:
             return [], None
-        kw = {} if self.margin is None else {"margin": self.margin}
-        crops = self.loc.extract_crops(image, boxes, self.crop_size, **kw)
+        crops = self.pre.frame_cells(image, boxes, scale)
         self.times.add("crop", time.perf_counter() - t1)
         return list(boxes), crops
 
@@ -325,15 +335,15 @@ class Pipeline:
         probs = np.zeros((0, len(self.labeller.classes)), np.float32)
         if sum(sizes):
             t0 = time.perf_counter()
-            probs = self.clf.predict(np.concatenate([loc.crops for loc in pending if len(loc.crops)]))
+            cells = self.pre.stain(np.concatenate([loc.crops for loc in pending if len(loc.crops)]))
+            probs = self.clf.predict(cells)
             self.times.add("infer", time.perf_counter() - t0)
             self.n_batches += 1
             self.batched_crops += sum(sizes)
             self.max_seen = max(self.max_seen, sum(sizes))
         # the refinement runs once per micro-batch too, not once per frame in the writer thread
         t0 = time.perf_counter()
-        final, changes = self.labeller.refine(probs, np.concatenate([loc.crops for loc in pending]) if sum(sizes)
-                                              else None)
+        final, changes = self.labeller.refine(probs, cells if sum(sizes) else None)
         if changes is not None:
             self.times.add("refine", time.perf_counter() - t0)
         bounds = np.cumsum(sizes)[:-1]
@@ -376,12 +386,14 @@ class Pipeline:
     def _write(self, loc: _Located, probs: np.ndarray, final=None, changes=None) -> None:
         t0 = time.perf_counter()
         res = FrameResult(loc.frame, loc.boxes, loc.crops,
-                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, final, changes))
+                          self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, final, changes, loc.scale))
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
                 res.latency_s = time.perf_counter() - loc.frame.t_start
             sink.write(res)
         self.times.add("sinks", time.perf_counter() - t0)
+        if loc.scale is not None:
+            self.scales[slide_of(loc.frame)] = loc.scale.as_row()
         self._count(res)
 
     def _count(self, res: FrameResult) -> None:
@@ -456,13 +468,6 @@ def _resolve_views(views, bundle: Bundle) -> list[str]:
     return list(views) if views is not None else list(bundle.extra.get("tta", {}).get("views", ["id"]))
 
 
-def _crop_size(source: Source, bundle: Bundle) -> int:
-    """Crops mode: the model's input size, so results equal the offline classifier's. Frames: at least
-    128 px, so review PNGs are large enough to judge; the classifier resizes them down itself."""
-    size = bundle.preprocess.input_size
-    return size if source.kind == "crops" else max(size, 128)
-
-
 def _status(pipe: Pipeline | None, source: Source, interrupted: bool) -> tuple[str, str | None]:
     if pipe is not None and pipe.fatal is not None:
         return "failed", f"{type(pipe.fatal).__name__}: {pipe.fatal}"
@@ -486,6 +491,7 @@ def _summarise(pipe: Pipeline | None, status: str, error: str | None, **info) ->
     s.frames, s.cells, s.wall_s = pipe.frames, pipe.cells, round(pipe.wall_s, 3)
     s.errors = {"count": pipe.n_errors, "examples": pipe.error_examples}
     s.restored_frames = pipe.n_restored
+    s.scales = dict(pipe.scales)
     s.timing = pipe.times.as_dict(pipe.frames)
     s.fps, s.cells_per_s = round(pipe.frames / wall, 3), round(pipe.cells / wall, 3)
     s.latency_ms = {k: (round(1e3 * v, 2) if v is not None else None) for k, v in
@@ -501,7 +507,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                views=None, max_batch: int = 64, max_delay_ms: float = 20.0, annotate: bool = False,
                report: bool = True, loop: int = 1, max_frames: int | None = None, *, workers: int = 1,
                top_k: int = 3, low_confidence: float = 0.5, rare_min_prob: float = 0.25,
-               review_max: int = 2000, crop_size: int | None = None, margin: float | None = None,
+               review_max: int = 2000, pixel_size: float | None = None, scale_per: str = "slide",
                localiser_config=None, retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
                threads: int | None = None, refine: bool = True,
                on_progress: Callable[[dict], None] | None = None) -> StreamSummary:
@@ -529,9 +535,9 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
-        pipe = Pipeline(src, clf, sinks, labeller, crop_size or _crop_size(src, bundle), margin,
-                        localiser_config, max_batch, max_delay_ms, workers, keep_images=annotate,
-                        on_progress=on_progress, localiser=localiser, guard=ImpulseGuard.for_bundle(bundle))
+        pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
+        pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms, workers,
+                        keep_images=annotate, on_progress=on_progress, localiser=localiser)
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
                 "load_s": round(time.perf_counter() - t_load, 3)}

@@ -33,13 +33,14 @@ RECIPES = ("ce", "decoupled", "focal-logw", "ldam-drw", "logit-adjust", "tau-nor
 
 @dataclass
 class Pool:
-    """Labelled images loaded once (uint8 NxSxSx3) and shared by every fold and member."""
+    """Labelled images loaded once (uint8 NxSxSx3, canonical cells) and shared by every fold and member."""
     classes: list[str]
     x: np.ndarray
     y: np.ndarray
     paths: list[str]
     groups: list
     errors: list  # LoadError rows: unreadable files, reported, never silently dropped
+    scale: dict | None = None  # the training images' physical scale (the bundle's `scale` section)
 
     def take(self, idx) -> tuple[np.ndarray, np.ndarray]:
         return self.x[idx], self.y[idx]
@@ -73,14 +74,28 @@ def write_split_manifests(out: Path, pool: Pool, train_idx, val_idx) -> None:
                                     for i in idx))
 
 
-def load_pool(source, cfg: TrainConfig, size: int, classes=None) -> Pool:
+def load_pool(source, cfg: TrainConfig, size: int, classes=None, scale: dict | None = None) -> Pool:
+    """Read the cells at native size, measure their scale (unless given: a validation set is met at the
+    training scale), and make them canonical cells with the same Preprocessor the runtime uses. The
+    training set shares one magnification, so its cells are taken at exactly the measured scale."""
+    from ..edge.preprocess import Preprocessor
+    from ..edge.quality import ImpulseGuard
+    from ..edge.scale import RBC_UM, measure_training_scale
+
     ds = select_dataset(source, cfg, classes)
     classes = list(ds.classes)
-    x, kept, errors = ds.load(size, progress=cfg.progress)
+    images, kept, errors = ds.load(progress=cfg.progress)
     for e in errors:
         log.warning("skipping unreadable image %s: %s", e.path, e.reason)
+    if not images:
+        raise ValueError(f"{source}: none of the images could be read")
+    scale = scale or measure_training_scale(images)
+    pre = Preprocessor(size, "area", scale, guard=ImpulseGuard(bundle_quality()["impulse_threshold"]),
+                       pixel_size=RBC_UM / scale["rbc_px"])
+    x = pre.crops(images).batch
     y = np.asarray([classes.index(ds.samples[i].label) for i in kept], np.int64)
-    return Pool(classes, x, y, [ds.samples[i].path for i in kept], [ds.samples[i].group for i in kept], errors)
+    return Pool(classes, x, y, [ds.samples[i].path for i in kept], [ds.samples[i].group for i in kept], errors,
+                scale)
 
 
 def to_model_input(batch_u8: np.ndarray, mean, std, torch, gen=None, jitter: float = 0.0):
@@ -325,10 +340,11 @@ def stain_record(reference, normalise: bool) -> dict:
 
 def normalise_pool(pool: Pool, reference) -> None:
     """Normalise the loaded cells in place (validation cells are then what the runtime will see)."""
-    from ..edge.stain import normalise_batch
+    from ..edge.preprocess import Preprocessor
 
+    stain_step = Preprocessor(pool.x.shape[1], stain=reference).stain
     for i in range(0, len(pool.x), 512):
-        pool.x[i:i + 512] = normalise_batch(pool.x[i:i + 512], reference)[0]
+        pool.x[i:i + 512] = stain_step(pool.x[i:i + 512])
 
 
 def train(cfg: TrainConfig, hooks=None) -> Bundle:
@@ -344,14 +360,15 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
         (out / "train_log.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     pool = load_pool(cfg.data, cfg, size)
-    val_pool = load_pool(cfg.val_data, cfg, size, pool.classes) if cfg.val_data else None
+    val_pool = load_pool(cfg.val_data, cfg, size, pool.classes, pool.scale) if cfg.val_data else None
     reference = stain_reference(pool)
     if cfg.stain_normalise:
-        # training batches: augment the raw cells (another lab's stain, scanner), *then* normalise,
-        # as the runtime does; validation cells are normalised once up front
-        from ..edge.stain import normalise_batch
+        # training batches: augment the raw cells (another lab's stain, scanner), *then* the
+        # preprocessor's stain step, as the runtime does; validation cells are normalised once up front
+        from ..edge.preprocess import Preprocessor
 
-        hooks = list(hooks) + [lambda b, rng: normalise_batch(b, reference)[0]]
+        stain_step = Preprocessor(size, stain=reference).stain
+        hooks = list(hooks) + [lambda b, rng: stain_step(b)]
         normed = val_pool or Pool(pool.classes, pool.x.copy(), pool.y, pool.paths, pool.groups, [])
         normalise_pool(normed, reference)  # training batches stay raw until their hooks have run
     members, history, pp = [], [], None
@@ -382,7 +399,7 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                     {"tta": {"views": list(cfg.tta_views)}, "training": summary,
                      "stain": stain_record(reference, cfg.stain_normalise),
                      "class_priors": dict(zip(pool.classes, map(float, priors))),
-                     "quality": bundle_quality()})
+                     "quality": bundle_quality(), "scale": pool.scale})
     bundle.save()
     held_out = cfg.val_data or (out / "val_split.csv" if cfg.folds == 1 and (out / "val_split.csv").exists() else None)
     if held_out:  # k-fold members saw each other's validation cells: no unbiased set to calibrate on there

@@ -137,7 +137,9 @@ def make_embedder(bundle, source: str, out_path, tmp: Path) -> EmbedSpec:
         n = int(arg or 0)
         if not 0 <= n < len(bundle.members):
             raise EmbedderError(f"{source}: the bundle has {len(bundle.members)} member(s)")
-        model, spec = embedding_graph(onnx.load(str(bundle.path(bundle.members[n].onnx)))), _bundle_spec(bundle, source)
+        model = embedding_graph(onnx.load(str(bundle.path(bundle.members[n].onnx))))
+        # the crops it gets are already this bundle's model input (stain step included): no second one
+        spec = EmbedSpec(source, bundle.preprocess.input_size, bundle.preprocess.interpolation)
     elif kind == "bundle":
         from ...bundle import Bundle
 
@@ -158,7 +160,8 @@ def make_embedder(bundle, source: str, out_path, tmp: Path) -> EmbedSpec:
 
 
 class Embedder:
-    """uint8 crops (any size) -> (N, D) L2-normalised embeddings, through any runner."""
+    """The classifier bundle's model-input cells -> (N, D) L2-normalised embeddings, through any runner.
+    An embedder of another size or stain (an independent model) adapts them to its own input."""
 
     def __init__(self, onnx_path, spec: EmbedSpec, device: str = "cpu", threads: int | None = None,
                  max_batch: int = 128):

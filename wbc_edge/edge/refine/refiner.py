@@ -212,13 +212,14 @@ def fit_verification(bundle, proto_data, val_data, source: str = "member", per_c
     """
     from ... import metrics
     from ...data.datasets import load_labelled
+    from ..preprocess import Preprocessor
     from .embed import Embedder, fit_prototypes, make_embedder
 
     k = range(len(bundle.classes))
     onnx_name, proto_name = f"{VERIFY_DIR}/embed.onnx", f"{VERIFY_DIR}/prototypes.npz"
     with tempfile.TemporaryDirectory() as tmp:
         spec = make_embedder(bundle, source, bundle.path(onnx_name), Path(tmp))
-    xp, yp = load_labelled(proto_data, bundle.classes, spec.input_size, spec.interpolation, progress)[:2]
+    xp, yp = load_labelled(proto_data, bundle.classes, Preprocessor.for_bundle(bundle), progress)[:2]
     with Embedder(bundle.path(onnx_name), spec) as emb:
         protos, owners = fit_prototypes(emb(xp), yp, len(bundle.classes), per_class)
     np.savez(bundle.path(proto_name), prototypes=protos, owners=owners)
