@@ -113,7 +113,8 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
 @click.option("--views", help="comma-separated TTA views (default: the bundle's)")
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
-@click.option("--label-map", metavar="NAME|FILE.yaml", help="map labels and predictions, e.g. 5part; default: automatic")
+@click.option("--label-map", metavar="NAME|FILE.yaml",
+              help="map labels and predictions, e.g. 5part; default: automatic")
 def evaluate(data, bundle, out, device, precision, views, refine, label_map):
     """Score BUNDLE on labelled DATA: per-class table, macro-F1, confusion matrix PNG."""
     from .evaluate import evaluate as run_evaluate
