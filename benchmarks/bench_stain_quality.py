@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from benchmarks._common import RESULTS, markdown_table, time_median, write_results
+from wbc_edge.edge.preprocess import resize_batch
 from wbc_edge.data import degrade
 from wbc_edge.data.datasets import from_image_folder
 from wbc_edge.edge import quality, stain
@@ -39,7 +40,8 @@ def load_cells(n: int, seed: int = 0) -> tuple[np.ndarray, str]:
     src = shared if shared.is_dir() else ROOT / "data" / "sample" / "cells"
     ds = from_image_folder(src)
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]
-    x, _, errors = ds.subset(idx).load(176, progress=False)
+    x, _, errors = ds.subset(idx).load(progress=False)
+    x = resize_batch(x, 176)  # PBC-176 cells already are; the repo's sample cells too
     if errors:
         print(f"skipped {len(errors)} unreadable cells, e.g. {errors[0]}")
     return x, str(src)

@@ -18,16 +18,15 @@ from wbc_edge.bundle import Bundle
 from wbc_edge.data import degrade
 from wbc_edge.data.datasets import open_dataset
 from wbc_edge.edge.classifier import EnsembleClassifier
-from wbc_edge.edge.quality import ImpulseGuard, restore
+from wbc_edge.edge.preprocess import Preprocessor
 
 
-def score(clf: EnsembleClassifier, images: np.ndarray, labels: list[str], classes: list[str], guard=None) -> dict:
-    """Metrics as deployed: the bundle's impulse guard (if any) on each native-size cell, then the ensemble."""
-    restored = 0
-    if guard is not None:  # the guard's step for a whole stacked batch at once
-        images, fired = restore(images, guard.threshold)
-        restored = int(fired.sum())
-    pred = np.asarray(classes)[clf.predict(images).argmax(1)]
+def score(clf: EnsembleClassifier, images: np.ndarray, labels: list[str], classes: list[str], pre) -> dict:
+    """Metrics as deployed: the bundle's preprocessor (impulse guard on each native-size cell, scale,
+    resize, stain step), then the ensemble."""
+    prepared = pre.crops(list(images))
+    restored = int(prepared.restored.sum())
+    pred = np.asarray(classes)[clf.predict(prepared.batch).argmax(1)]
     rep = metrics.classification_report(labels, list(pred), classes)
     return {**{k: rep[k] for k in ("macro_f1", "balanced_accuracy", "macro_precision", "macro_specificity")},
             "restored": int(restored)}
@@ -67,28 +66,30 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-guard", action="store_true", help="skip the bundle's impulse-noise restoration")
     a = ap.parse_args(argv)
     bundle = Bundle.load(a.bundle)
-    guard = None if a.no_guard else ImpulseGuard.for_bundle(bundle)
+    pre = Preprocessor.for_bundle(bundle)
+    if a.no_guard:
+        pre.guard = None
     ds = open_dataset(a.data).filter_classes(bundle.classes)
     if a.quick:
         ds = ds.subset(range(0, len(ds), max(1, len(ds) // 18)))
-    x, kept, errors = ds.load(None, progress=False)
+    x, kept, errors = ds.load(progress=False)
     x = np.stack(x)
     labels = [ds.samples[i].label for i in kept]
     severities = (1, 4) if a.quick else (1, 2, 3, 4)
     kinds = a.kinds.split(",")[:2] if a.quick else a.kinds.split(",")
     with EnsembleClassifier(bundle, views=a.views.split(",") if a.views else None, precision=a.precision) as clf:
-        rows = [{"kind": "clean", "severity": 0, **score(clf, x, labels, bundle.classes, guard)}]
+        rows = [{"kind": "clean", "severity": 0, **score(clf, x, labels, bundle.classes, pre)}]
         for kind in kinds:
             for sev in severities:
                 xd = degrade.apply(x, kind, sev, np.random.default_rng([a.seed, sev]))
-                rows.append({"kind": kind, "severity": sev, **score(clf, xd, labels, bundle.classes, guard)})
+                rows.append({"kind": kind, "severity": sev, **score(clf, xd, labels, bundle.classes, pre)})
                 print(f"{kind} s{sev}: macro-F1 {rows[-1]['macro_f1']:.4f}")
         views = clf.views
     clean = rows[0]["macro_f1"]
     for r in rows:
         r["delta_macro_f1"] = r["macro_f1"] - clean
     table = (f"Bundle {a.bundle} ({bundle.members[0].arch}, {a.precision}, views {views}, impulse guard "
-             f"{'on' if guard else 'off'}: `restored` counts the cells it restored); data {a.data}: "
+             f"{'on' if pre.guard else 'off'}: `restored` counts the cells it restored); data {a.data}: "
              f"{len(labels)} cells, {len(errors)} unreadable.\n\n" + markdown_table(rows))
     write_results(a.name, {"bundle": str(a.bundle), "data": a.data, "views": views, "rows": rows}, table, a.out)
     plot(rows, clean, a.out / f"{a.name}.png")

@@ -24,7 +24,7 @@ from wbc_edge.bundle import Bundle
 from wbc_edge.data.datasets import open_dataset
 from wbc_edge.data.images import read_image
 from wbc_edge.edge import quality, stain, tta
-from wbc_edge.edge.preprocess import resize_batch
+from wbc_edge.edge.preprocess import Preprocessor, resize_batch
 from wbc_edge.edge.runners import OrtRunner
 
 
@@ -37,8 +37,8 @@ class Ours:
         for r in self.runners:
             r.activate()
         self.weights = np.asarray([m.weight for m in bundle.members]) / sum(m.weight for m in bundle.members)
-        self.ref = ref
-        self.guard = quality.ImpulseGuard()
+        self.pre = Preprocessor.for_bundle(bundle)  # the deployed path, with the stain step always on
+        self.pre.stain_ref, self.pre.guard = ref, quality.ImpulseGuard()
         self.stages: dict[str, float] = {}
 
     def _t(self, name, fn, *a):
@@ -48,11 +48,11 @@ class Ours:
         return out
 
     def __call__(self, paths: list[str]) -> np.ndarray:
-        pp = self.bundle.preprocess
         imgs = self._t("decode", lambda: [read_image(p) for p in paths])
-        imgs = self._t("restore", lambda ims: [self.guard(im)[0] for im in ims], imgs)  # native size, as deployed
-        batch = self._t("resize", resize_batch, imgs, pp.input_size, pp.interpolation)
-        batch = self._t("stain", lambda b: stain.normalise_batch(b, self.ref)[0], batch)
+        imgs = self._t("restore", lambda ims: [self.pre.guarded(im)[0] for im in ims], imgs)  # native size
+        scales = self._t("scale", lambda ims: [self.pre.scale_of(im) for im in ims], imgs)
+        batch = self._t("resize", lambda: np.stack([self.pre.canonical(im, sc) for im, sc in zip(imgs, scales)]))
+        batch = self._t("stain", self.pre.stain, batch)
         views = self._t("tta", tta.expand, batch, self.views)
         probs = [self._t("inference", r.infer, views) for r in self.runners]
         return self._t("ensemble", lambda: sum(w * tta.merge(p, len(self.views)) for w, p in zip(self.weights, probs)))

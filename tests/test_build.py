@@ -10,13 +10,13 @@ from wbc_edge.bundle import Bundle
 from wbc_edge.calibration.check import PrecisionDropError
 from wbc_edge.data.datasets import from_folder, from_image_folder
 from wbc_edge.edge.classifier import EnsembleClassifier
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge.edge.runners import OrtRunner, RunnerError
 
 
 def test_onnx_target_rebuilds_the_same_graph(bundle_copy, sample_dir):
     before = Bundle.load(bundle_copy)
-    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 11)).load(before.preprocess.input_size,
-                                                                                  progress=False)
+    x = Preprocessor.for_bundle(before).load(from_image_folder(sample_dir / "cells").subset(range(0, 330, 11)))[0]
     with OrtRunner(before.path(before.members[0].onnx)) as r:
         ref = r.infer(x)
     after = build(bundle_copy, "onnx")
@@ -32,7 +32,7 @@ def test_ort_int8_is_calibrated_checked_and_registered(bundle_copy, sample_dir):
     reloaded = Bundle.load(bundle_copy)  # checksums cover the new graph
     assert reloaded.members[0].artifacts["ort-int8"].endswith(".onnx")
     with EnsembleClassifier(reloaded, precision="int8") as clf:
-        x, _, _ = from_folder(sample_dir / "cells" / "LY").load(None, progress=False)
+        x = Preprocessor.for_bundle(reloaded).load(from_folder(sample_dir / "cells" / "LY"))[0]
         probs = clf.predict(x)
     assert probs.shape == (30, len(b.classes)) and np.allclose(probs.sum(1), 1, atol=1e-4)
 
@@ -117,7 +117,7 @@ def test_fused_ensemble_equals_the_weighted_mean_of_its_members(tmp_path, sample
     assert results["fused-vs-members"]["ok"] and results["fused-vs-members"]["max_abs"] < 1e-5
     assert all(r["ok"] for r in b.extra["parity"])
     reloaded = Bundle.load(work)  # the fused graph is checksummed like the members
-    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 30)).load(None, progress=False)
+    x = Preprocessor.for_bundle(reloaded).load(from_image_folder(sample_dir / "cells").subset(range(0, 330, 30)))[0]
     with EnsembleClassifier(reloaded) as fused, EnsembleClassifier(reloaded, fused=False) as apart:
         assert len(fused.runners) == 1 and len(apart.runners) == 2
         assert np.abs(fused.predict(x) - apart.predict(x)).max() < 1e-5

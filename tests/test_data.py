@@ -27,8 +27,8 @@ def messy_folder(tmp_path, sample_dir):
 def test_image_folder_loads_good_and_reports_every_bad_file(messy_folder):
     ds = datasets.from_image_folder(messy_folder)
     assert len(ds) == 14 and ds.classes == ["LY", "MO"]
-    images, kept, errors = ds.load(64, progress=False)
-    assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
+    images, kept, errors = ds.load(progress=False)
+    assert len(images) == 10 and all(im.dtype == np.uint8 and im.ndim == 3 for im in images)
     assert len(kept) + len(errors) == len(ds)  # nothing disappears from the counts
     reasons = {e.path.split("/")[-1]: e.reason for e in errors}
     assert "truncated" in reasons["truncated.jpg"]

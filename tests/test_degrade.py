@@ -15,7 +15,7 @@ RANDOM_KINDS = {"gaussian_noise", "salt_pepper", "motion_blur", "illumination", 
 
 @pytest.fixture(scope="module")
 def cells(sample_dir):
-    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 33)).load(None, progress=False)
+    x, _, _ = from_image_folder(sample_dir / "cells").subset(range(0, 330, 33)).load(progress=False)
     return np.stack(x)  # 10 real cells, one per class
 
 

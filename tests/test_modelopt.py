@@ -11,6 +11,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge._optional import available
 from wbc_edge.build.builder import build, calibrate_int8
 from wbc_edge.bundle import Bundle
@@ -65,7 +66,7 @@ def test_modelopt_quantises_the_sample_member_for_tensorrt(bundle_copy, sample_d
     assert [i.name for i in model.graph.input] == [INPUT] and [o.name for o in model.graph.output] == [OUTPUT]
     check_trt_compatible(path)  # symmetric INT8 Q/DQ that TensorRT's parser takes
     with EnsembleClassifier(b, "cpu", views=["id"], artifact="trt-int8-onnx") as clf:  # runs on ORT CPU
-        x, _, _ = from_folder(sample_dir / "cells" / "LY").load(b.preprocess.input_size, progress=False)
+        x = Preprocessor.for_bundle(b).load(from_folder(sample_dir / "cells" / "LY"))[0]
         probs = clf.predict(x)
     assert probs.shape == (30, len(b.classes)) and abs(float(probs.sum(1).mean()) - 1) < 1e-4
     # ModelOpt patches ONNX Runtime's quantiser process-wide; ours is put back, so ORT's still works after it

@@ -5,6 +5,7 @@ import pytest
 
 pytest.importorskip("torch")
 
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge.bundle import Bundle  # noqa: E402
 from wbc_edge.data.datasets import from_image_folder  # noqa: E402
 from wbc_edge.edge.runners import OrtRunner  # noqa: E402
@@ -15,7 +16,7 @@ from wbc_edge.trainer.loop import predict_torch  # noqa: E402
 def test_torch_and_ort_agree_on_real_cells(sample_bundle, sample_dir):
     b = Bundle.load(sample_bundle)
     pp = b.preprocess
-    images, _, errors = from_image_folder(sample_dir / "cells").load(pp.input_size, pp.interpolation, progress=False)
+    images, _, errors, _ = Preprocessor.for_bundle(b).load(from_image_folder(sample_dir / "cells"))
     assert not errors and len(images) == 330
     expected = predict_torch(load_member(b), images, pp.mean, pp.std)
     with OrtRunner(b.path(b.members[0].onnx)) as runner:

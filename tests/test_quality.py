@@ -12,7 +12,7 @@ from wbc_edge.edge import quality
 
 @pytest.fixture(scope="module")
 def cells(sample_dir):
-    x, _, _ = from_image_folder(sample_dir / "cells").load(None, progress=False)
+    x, _, _ = from_image_folder(sample_dir / "cells").load(progress=False)
     return np.stack(x)
 
 
@@ -137,7 +137,7 @@ def test_psnr_and_ssim_behave(cells):
 def _noisy_folder(sample_dir, root, classes, severity=3):
     """The sample cells with salt-and-pepper noise, saved losslessly (PNG keeps the impulses)."""
     ds = from_image_folder(sample_dir / "cells", classes)
-    x, kept, _ = ds.load(None, progress=False)
+    x, kept, _ = ds.load(progress=False)
     rng = np.random.default_rng(7)
     for img, i in zip(x, kept):
         noisy = apply(img[None], "salt_pepper", severity, rng)[0]

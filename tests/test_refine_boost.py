@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge import metrics
 from wbc_edge.bundle import Bundle
 from wbc_edge.edge.refine.boost import adjusted, fit_offsets, prior_offsets
@@ -95,7 +96,7 @@ def test_fit_morphology_records_its_decision(tmp_path, sample_bundle, sample_dir
     from wbc_edge.data.datasets import from_image_folder
 
     b = Bundle.load(work)  # the stored models load back and run on real crops
-    x, _, _ = from_image_folder(sample_dir / "cells", ["SNE", "BNE"]).load(b.preprocess.input_size, progress=False)
+    x = Preprocessor.for_bundle(b).load(from_image_folder(sample_dir / "cells", ["SNE", "BNE"]))[0]
     probs = np.tile([[0.0] * 8 + [1.0]], (len(x), 1))
     probs[:, b.classes.index("BNE")] = 0.9  # every SNE call has BNE close behind
     probs /= probs.sum(1, keepdims=True)

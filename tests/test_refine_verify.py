@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge.build.surgery import embedding_graph
 from wbc_edge.bundle import Bundle, BundleError
 from wbc_edge.data.datasets import from_image_folder, load_labelled
@@ -25,7 +26,7 @@ def bundle(bundle_copy):
 @pytest.fixture(scope="module")
 def sample_crops(sample_dir):
     b = Bundle.load(sample_dir / "bundle")
-    return from_image_folder(sample_dir / "cells", b.classes).load(b.preprocess.input_size, progress=False)[0][::5]
+    return Preprocessor.for_bundle(b).load(from_image_folder(sample_dir / "cells", b.classes))[0][::5]
 
 
 def test_embedding_graph_is_the_classifier_input(sample_bundle, sample_crops):
@@ -154,7 +155,7 @@ def test_fit_verification_stores_a_checksummed_embedder(bundle, sample_dir):
     assert {saved["onnx"], saved["prototypes"]} <= set(json.loads(b.manifest_path.read_text())["checksums"])
     loaded = Bundle.load(b.root)  # the embedder and prototypes travel with the bundle, checked
     with EnsembleClassifier(loaded) as clf, Embedder(loaded.path(saved["onnx"]), make_spec(saved)) as e:
-        x, y, _ = load_labelled(sample_dir / "cells", b.classes, 128)
+        x, y, _ = load_labelled(sample_dir / "cells", b.classes, Preprocessor.for_bundle(loaded))
         with np.load(loaded.path(saved["prototypes"])) as z:
             sim = class_similarity(e(x), z["prototypes"], z["owners"], len(b.classes))
         # prototypes from these very cells: the nearest prototype's class mostly is the label
@@ -237,7 +238,7 @@ def test_evaluate_and_stream_record_vetoes(bundle, sample_dir, tmp_path):
     from wbc_edge.evaluate import evaluate
 
     b = bundle
-    x = load_labelled(sample_dir / "cells", b.classes, 128)[0]
+    x = load_labelled(sample_dir / "cells", b.classes, Preprocessor.for_bundle(b))[0]
     offsets = [0.0] * len(b.classes)
     offsets[b.classes.index("PMY")] = 50.0  # phase 1 calls everything PMY; phase 2 backs none of it
     b.extra["refine"] = {"boost": {"enabled": True, "offsets": offsets},

@@ -14,7 +14,7 @@ from wbc_edge.edge.stain import (TORCHSTAIN_PARAMS, MacenkoParams, StainCache, S
 
 @pytest.fixture(scope="module")
 def cells(sample_dir):
-    x, _, errors = from_image_folder(sample_dir / "cells").load(None, progress=False)
+    x, _, errors = from_image_folder(sample_dir / "cells").load(progress=False)
     assert not errors
     return np.stack(x)  # 330 real 176x176 MGG cells, 11 classes
 
@@ -206,7 +206,7 @@ def test_stain_cache_estimates_once_per_refresh(cells):
 def test_agreement_and_stability_on_shared_data(shared_data, torchstain_macenko):
     ds = from_image_folder(shared_data / "pbc-176")
     idx = np.random.default_rng(3).permutation(len(ds))[:96]
-    x, _, errors = ds.subset(idx).load(None, progress=False)
+    x, _, errors = ds.subset(idx).load(progress=False)
     x = np.stack(x)
     _assert_matches_torchstain(x[:8], torchstain_macenko)
     ref = fit_reference(x[:48])

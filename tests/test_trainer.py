@@ -125,9 +125,11 @@ def test_shipped_configs_load_and_a_typo_in_a_file_is_named(tmp_path):
 
 
 def test_stain_normalised_training_records_it_and_the_runtime_applies_it(tmp_path, sample_dir):
-    """A bundle trained on normalised cells says so, and EnsembleClassifier normalises before the runner."""
+    """A bundle trained on normalised cells says so, and its Preprocessor's stain step normalises to the
+    bundle's reference before the runner."""
     from wbc_edge.bundle import Bundle
     from wbc_edge.edge.classifier import EnsembleClassifier
+    from wbc_edge.edge.preprocess import Preprocessor
     from wbc_edge.edge.stain import StainReference, normalise_batch
     from wbc_edge.trainer.loop import train
 
@@ -137,8 +139,8 @@ def test_stain_normalised_training_records_it_and_the_runtime_applies_it(tmp_pat
     assert b.extra["stain"]["normalise"] is True
     b = Bundle.load(b.root)
     x = np.stack(load_pool(str(sample_dir / "cells"), load_config(max_per_class=2, progress=False), 48).x)
+    by_hand = normalise_batch(x, StainReference.from_dict(b.extra["stain"]["reference"]))[0]
+    stained = Preprocessor.for_bundle(b).stain(x)
+    assert np.array_equal(stained, by_hand) and not np.array_equal(stained, x)
     with EnsembleClassifier(b, views=["id"]) as clf:
-        got = clf.predict(x)
-        clf.stain = None  # the same runner fed cells normalised by hand
-        ref = clf.predict(normalise_batch(x, StainReference.from_dict(b.extra["stain"]["reference"]))[0])
-    assert np.abs(got - ref).max() < 1e-6
+        assert np.abs(clf.predict(stained) - clf.predict(by_hand)).max() < 1e-6

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from wbc_edge.edge.preprocess import Preprocessor
 from wbc_edge._optional import MissingExtraError
 from wbc_edge.bundle import Bundle
 from wbc_edge.build import tensorrt as trtb
@@ -272,7 +273,7 @@ def test_fp16_graph_matches_fp32_on_real_cells(sample_bundle, sample_dir, tmp_pa
     assert set(floats) <= {*first_conv.input, *(i for n in model.graph.node[:6] for i in n.input)}
     pp = b.preprocess
     cells = from_image_folder(sample_dir / "cells")
-    images, _, errors = cells.load(pp.input_size, pp.interpolation, progress=False)
+    images, _, errors, _ = Preprocessor.for_bundle(b).load(cells)
     assert not errors and len(images) == 330
     runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"images": images})[0]
             for p in (src, out)]
@@ -313,7 +314,7 @@ def test_fp16_engine_builds_caches_and_runs(sample_bundle, sample_dir, tmp_path)
     assert meta["io"] and meta["precision_check"]["FP16_layers"] > 0
     pp = b.preprocess
     cells = from_image_folder(sample_dir / "cells")
-    images, _, _ = cells.load(pp.input_size, pp.interpolation, progress=False)
+    images = Preprocessor.for_bundle(b).load(cells)[0]
     with TensorRTRunner(path) as trt_run, OrtRunner(src) as ort_run:
         # batches of 100 exceed the profile's max of 64: the runner chunks them
         got = np.concatenate([trt_run.infer(images[i:i + 100]) for i in range(0, len(images), 100)])

@@ -105,6 +105,15 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse
                    f"macro-F1 drop {100 * check['macro_f1_drop']:.2f} points")
 
 
+def _scale_options(f):
+    """The physical-scale options evaluate and stream share."""
+    f = click.option("--scale-per", type=click.Choice(["slide", "image"]), default="slide", show_default=True,
+                     help="estimate the physical scale from red cells pooled over a slide (a folder of frames, "
+                          "a video/camera stream, a crops stream, a dataset or its `group` column) or per image")(f)
+    return click.option("--pixel-size", type=click.FloatRange(min=0, min_open=True),
+                        help="um per pixel of the input when known (default: estimated from red cells)")(f)
+
+
 @main.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
@@ -115,13 +124,14 @@ def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
 @click.option("--label-map", metavar="NAME|FILE.yaml",
               help="map labels and predictions, e.g. 5part; default: automatic")
-def evaluate(data, bundle, out, device, precision, views, refine, label_map):
+@_scale_options
+def evaluate(data, bundle, out, device, precision, views, refine, label_map, pixel_size, scale_per):
     """Score BUNDLE on labelled DATA: per-class table, macro-F1, confusion matrix PNG."""
     from .evaluate import evaluate as run_evaluate
     from .metrics import format_report
 
     rep = run_evaluate(bundle, data, out, device, precision, views.split(",") if views else None, refine=refine,
-                       label_map=label_map)
+                       label_map=label_map, pixel_size=pixel_size, scale_per=scale_per)
     if rep["scored_on"] == "model":
         click.echo(format_report(rep))
         click.echo(f"\nmacro-F1 {rep['macro_f1']:.4f} on {rep['n']} cells labelled with the model's classes")
@@ -132,15 +142,6 @@ def evaluate(data, bundle, out, device, precision, views, refine, label_map):
     click.echo(f"({rep['runner']}, views {rep['views']}); {rep['n_unknown_label']} with labels not scored, "
                f"{rep['n_unreadable']} unreadable")
     click.echo(f"results in {out}/ ({', '.join(rep['files'])})")
-
-
-def _scale_options(f):
-    """The physical-scale options evaluate and stream share."""
-    f = click.option("--scale-per", type=click.Choice(["slide", "image"]), default="slide", show_default=True,
-                     help="estimate the physical scale from red cells pooled over a slide (a folder of frames or "
-                          "crops, a video/camera stream, a dataset or its `group` column) or per image")(f)
-    return click.option("--pixel-size", type=click.FloatRange(min=0, min_open=True),
-                        help="um per pixel of the input when known (default: estimated from red cells)")(f)
 
 
 @main.command()

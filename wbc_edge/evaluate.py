@@ -18,19 +18,24 @@ from .data.datasets import open_dataset
 from .data.wbcbench import write_submission
 from .edge.classifier import EnsembleClassifier
 from .edge.offline import classify_dataset, write_jsonl
+from .edge.preprocess import Preprocessor
 from .edge.refine.refiner import Refiner
 from .taxonomy import FIVE_PARTS, OTHER, LabelMap, load_label_map
 
 
 def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "fp32", views=None,
-             batch_size: int = 64, progress: bool = True, refine: bool = True, label_map=None) -> dict:
+             batch_size: int = 64, progress: bool = True, refine: bool = True, label_map=None,
+             pixel_size: float | None = None, scale_per: str = "slide") -> dict:
     """Score the bundle on `data`; inputs whose label can be scored neither on the model's classes nor
-    through `label_map` (a name, a YAML file, "none"; None: automatic) are listed, not scored."""
+    through `label_map` (a name, a YAML file, "none"; None: automatic) are listed, not scored. The
+    cells' physical scale is `pixel_size` (um/px) when given, else estimated per slide (the dataset, or
+    its `group` column) or per image (`scale_per`)."""
     bundle = Bundle.load(bundle_dir)
     ds = open_dataset(data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, run = _classify(bundle, ds, device, precision, views, batch_size, progress, refine)
+    pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
+    rows, run = _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine)
     rows += _skipped_rows(ds)
     lmap = choose_label_map(label_map, [r["label"] for r in rows], bundle.classes)
     _annotate(rows, bundle.classes, lmap)
@@ -60,12 +65,12 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     return report
 
 
-def _classify(bundle, ds, device, precision, views, batch_size, progress, refine) -> tuple[list[dict], dict]:
+def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine) -> tuple[list[dict], dict]:
     """One row per sample of `ds`, and what ran: runner, views, whether refinement was applied."""
     with EnsembleClassifier(bundle, device, views, precision) as clf:
         refiner = Refiner.for_bundle(bundle, refine, device)
         try:
-            rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner))
+            rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner, pre=pre))
         finally:
             refiner.close()
         return rows, {"runner": clf.runners[0].name, "refined": refiner.active, "views": clf.views}

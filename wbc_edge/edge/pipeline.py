@@ -263,7 +263,8 @@ class Pipeline:
             return _Located(frame, [], empty)
         t0 = time.perf_counter()
         frame.image, frame.restored = self.pre.guarded(frame.image)
-        scale = self.pre.scale_of(frame.image, slide_of(frame))
+        # a crops stream is one slide, as `evaluate`'s dataset is (they must agree); frames: per folder
+        scale = self.pre.scale_of(frame.image, "" if self.crops_mode else slide_of(frame))
         t1 = time.perf_counter()
         self.times.add("restore+scale", t1 - t0)
         if self.crops_mode:  # the image is the cell
@@ -393,7 +394,7 @@ class Pipeline:
             sink.write(res)
         self.times.add("sinks", time.perf_counter() - t0)
         if loc.scale is not None:
-            self.scales[slide_of(loc.frame)] = loc.scale.as_row()
+            self.scales["" if self.crops_mode else slide_of(loc.frame)] = loc.scale.as_row()
         self._count(res)
 
     def _count(self, res: FrameResult) -> None:
