@@ -1,25 +1,42 @@
 """WBC localiser for full microscope frames: stain-based nucleus detection -> one cell box per WBC.
 
 Why colour works: in a Romanowsky/Wright-stained smear only white-cell nuclei (and platelets, which
-are small) take up the blue-purple nuclear dye; red cells are pink and the background is pale grey.
+are small) take up the blue-purple nuclear dye; red cells are pink and the background is pale.
 A per-pixel score "blueness" = B - (R + G) / 2 is a colour-space stand-in for the nuclear-dye
-concentration of colour deconvolution. It needs no per-frame stain estimate and costs one pass.
-(`wbc_edge.edge.stain` computes a Macenko nuclear concentration; it can replace `nuclear_score`
-here, with thresholds refitted by benchmarks/bench_localise.py, if a scanner shift ever needs it.)
+concentration of colour deconvolution, and costs one pass.
 
-Steps, each one parameter of `LocaliserConfig`:
-  1. score, lightly blurred (JPEG noise, granules);
-  2. two thresholds from the frame itself: Otsu over the whole frame separates stained material
-     from red cells and background ("stained": nuclei plus the bluish cytoplasm and granules next
-     to them); Otsu over the stained pixels alone separates the dense nucleus ("nucleus").
-     Both have a floor, so a frame without any stained object gives no boxes;
-  3. opening removes specks; a dilation by `merge_radius` joins the lobes of a segmented nucleus
+Why it must be relative, not absolute: another microscope changes everything an absolute threshold
+rests on. A Raspberry Pi camera on another lab's scope (benchmarks: Chula) has vignetting whose colour
+drifts from pink at the rim to blue-green in the centre, soft focus with blue/yellow colour fringes
+round every red cell, another stain, and red cells packed edge to edge; a fixed blueness cut found
+64 "cells" for 30 there. So, each step physically motivated and none tied to one stain or camera:
+
+  1. scale: every length and area is in red-cell diameters (7-8 um in any lab): `rbc_px` is given
+     by the caller (a stream pools it per slide), or set in the config, or measured on the frame
+     (wbc_edge.edge.scale; BCCD's 91 px if nothing can be measured). The frame is shrunk until a red
+     cell spans `work_rbc_px` (speed; a 2x magnification then gives the same cells);
+  2. flat field: the frame is divided by its local background colour, a per-channel median over
+     `background_window` red cells (a median ignores bright pallor highlights; the window dwarfs a
+     nucleus; a second pass leaves stained pixels out). Light falloff, the lamp's colour and white
+     balance are per-channel gains, so they divide out exactly; where red cells are packed the
+     "background" is their colour, and they divide out too. Blueness is then in % of the background;
+  3. blur at `blur_sigma` (~0.1 red cell): wider than colour fringes of soft focus, which are a
+     blue and a yellow band side by side and cancel, narrower than a nucleus, which stays;
+  4. two cuts from the frame itself: Otsu over the frame separates stained material ("stained":
+     nuclei plus the bluish cytoplasm and granules next to them); Otsu over the stained pixels alone
+     separates the dense nucleus. Each cut has a floor relative to the frame's own spread (median +
+     n robust sigmas: a pale stain lowers nuclei and noise alike) and a small absolute floor, so a
+     frame without any stained object gives no boxes;
+  5. opening removes specks; a dilation by `merge_radius` joins the lobes of a segmented nucleus
      into one cell; nucleus area limits drop platelets (small) and stain blotches (huge); a cell
      cut by the frame edge is kept only with enough nucleus in view;
-  4. the cell box: the stained region connected to that nucleus, limited to a disc around it
+  6. the cell box: the stained region connected to that nucleus, limited to a disc around it
      (neighbouring cells must not be swallowed); boxes that mostly overlap are one cell (lobes
      further apart than the merge radius); finally padded by a fitted fraction, because pale
      cytoplasm is barely stained and the annotated box encloses the whole cell.
+
+Figures (benchmarks/results/localise.md): fitted on even BCCD frames only, reported on the odd ones
+and on the Chula frames, never fitted on.
 """
 from __future__ import annotations
 
@@ -31,28 +48,38 @@ import numpy as np
 
 from ..xp import to_numpy
 from .preprocess import INTERPOLATIONS
+from .scale import estimate_scale
+
+REF_RBC_PX = 91.0  # red-cell diameter of a BCCD frame (640x480): where the defaults were first fitted
+BACKGROUND_PX = 8  # red-cell diameter (px) of the small image the background colour is estimated on
+
 
 @dataclass(frozen=True)
 class LocaliserConfig:
     """Every knob of the localiser; JSON-able so a bundle can store the values it was checked with.
 
-    Defaults were chosen on the even-numbered BCCD frames (benchmarks/bench_localise.py) and are
-    reported on the odd-numbered ones. Lengths are in pixels of a 640x480 BCCD frame (about
-    12 px/um: a red cell is ~90 px across); `frame_scale` rescales them for cameras with another sampling.
+    Lengths are in red-cell diameters and areas in squared red-cell diameters (a red cell is 7-8 um
+    in any lab), so one config serves every microscope; scores are in % of the local background
+    brightness. Defaults were chosen on the even-numbered BCCD frames (benchmarks/bench_localise.py)
+    and are reported on the odd-numbered ones and on frames of another lab (Chula, never fitted on).
     """
 
-    blur_sigma: float = 1.5  # px; smooths JPEG blocks and granules before thresholding
-    stained_floor: float = 20.0  # blueness; frame-wide Otsu may raise, never lower, the stained cut
-    nucleus_floor: float = 35.0  # blueness; Otsu over stained pixels may raise it, never lower
-    open_radius: int = 2  # px; opening removes specks smaller than this
-    merge_radius: int = 6  # px; nucleus lobes closer than about twice this form one cell
-    min_area: int = 2000  # nucleus px; platelets (clumps) reach ~1800, a small lymphocyte ~4000
-    max_area: int = 60_000  # nucleus px; beyond this it is a stain blotch, not a cell
-    cell_radius: float = 1.6  # cell disc radius / nucleus equivalent radius (caps the growth)
-    edge_min_area: int = 3000  # nucleus px; a cell cut by the frame edge needs this much in view
+    rbc_px: float | None = None  # red-cell diameter in px of the frames; None: measured on each frame
+    work_rbc_px: float = 48.0  # frames are shrunk (never enlarged) until a red cell spans this many px
+    background_window: float = 4.0  # RBC; median window of the local background colour (>> a nucleus)
+    blur_sigma: float = 0.12  # RBC; wider than the colour fringes of soft focus (they cancel), < a nucleus
+    stained_floor: float = 6.0  # % blueness; the stained cut is never below this ...
+    stained_spread: float = 2.0  # ... nor below the frame's median + this many robust sigmas
+    nucleus_floor: float = 12.0  # % blueness; the nucleus cut is never below this ...
+    nucleus_spread: float = 4.0  # ... nor below the frame's median + this many robust sigmas
+    open_radius: float = 0.022  # RBC; opening removes specks and thin fringes narrower than this
+    merge_radius: float = 0.15  # RBC; nucleus lobes closer than about twice this form one cell
+    min_area: float = 0.24  # RBC^2 of nucleus; platelet clumps reach ~0.2, a small lymphocyte ~0.5
+    max_area: float = 7.2  # RBC^2 of nucleus; beyond this it is a stain blotch, not a cell
+    cell_radius: float = 2.0  # cell disc radius / nucleus equivalent radius (caps the growth)
+    edge_min_area: float = 0.36  # RBC^2; a cell cut by the frame edge needs this much nucleus in view
     merge_overlap: float = 0.2  # join cell boxes whose intersection covers this much of the smaller
-    box_pad: float = 0.1  # fraction of the cell box side added on each side (fitted)
-    frame_scale: float = 1.0  # px of this camera per px of a BCCD frame
+    box_pad: float = 0.15  # fraction of the cell box side added on each side (fitted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +104,7 @@ class LocaliserConfig:
 @dataclass(frozen=True)
 class Box:
     """One white cell: its box in frame pixels (x1, y1 exclusive), a confidence-like score in
-    [0, 1] (mean nucleus blueness / 128) and the nucleus area in px."""
+    [0, 1] (mean nucleus blueness, in % of the background, / 64) and the nucleus area in px."""
 
     x0: float
     y0: float
@@ -91,19 +118,70 @@ class Box:
 
 
 def nuclear_score(frame: np.ndarray, blur_sigma: float = 1.5) -> np.ndarray:
-    """Per-pixel blueness B - (R+G)/2 (float32 HxW, roughly -60..130): high on nuclear dye only."""
+    """Per-pixel raw blueness B - (R+G)/2 (float32 HxW, roughly -60..130) of an unflattened frame."""
     f = frame.astype(np.float32)
     s = f[..., 2] - 0.5 * (f[..., 0] + f[..., 1])
     return cv2.GaussianBlur(s, (0, 0), blur_sigma) if blur_sigma > 0 else s
 
 
+def frame_rbc_px(frame: np.ndarray, cfg: LocaliserConfig, rbc_px: float | None = None) -> float:
+    """The red-cell diameter (px) to use: the caller's, the config's, measured here, or BCCD's."""
+    if rbc_px:
+        return float(rbc_px)
+    if cfg.rbc_px:
+        return float(cfg.rbc_px)
+    return estimate_scale(frame).rbc_px or REF_RBC_PX
+
+
+def _median(small: np.ndarray, ksize: int, smooth: float) -> np.ndarray:
+    """Per-channel median over ksize px, the border mirrored (replicating it would let a cell at the
+    edge fill the window with itself), then smoothed: the median's blocks would print."""
+    p = ksize // 2
+    pad = cv2.copyMakeBorder(small, p, p, p, p, cv2.BORDER_REFLECT_101)
+    med = cv2.medianBlur(pad, ksize)[p:p + small.shape[0], p:p + small.shape[1]]
+    return cv2.GaussianBlur(med.astype(np.float32), (0, 0), smooth)
+
+
+def background(frame: np.ndarray, rbc_px: float, window: float, stained_floor: float = 6.0) -> np.ndarray:
+    """Local background colour (float32 HxWx3): a per-channel median over `window` red cells, on an
+    image shrunk to BACKGROUND_PX per red cell. A median ignores the specular pallor highlights a max
+    filter would pick, and the window is far larger than a nucleus; a second pass leaves out what the
+    first found stained, so a large cell never sets its own background. Where red cells are packed it
+    is their colour, which is as good: they are divided out like the background."""
+    h, w = frame.shape[:2]
+    k = min(1.0, BACKGROUND_PX / rbc_px)
+    small = cv2.resize(frame, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
+    ksize, smooth = min(255, max(3, int(window * rbc_px * k) | 1)), max(0.5, rbc_px * k / 2)
+    bg = _median(small, ksize, smooth)
+    t = small.astype(np.float32) / np.maximum(bg, 1.0)
+    stained = 100.0 * (t[..., 2] - 0.5 * (t[..., 0] + t[..., 1])) > stained_floor
+    if stained.any():
+        small = np.where(stained[..., None], np.clip(bg, 0, 255).astype(np.uint8), small)
+        bg = _median(small, ksize, smooth)
+    return cv2.resize(bg, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def flat_blueness(frame: np.ndarray, rbc_px: float, cfg: LocaliserConfig) -> np.ndarray:
+    """Blueness of the frame divided by its local background, in % (0 on background and on red
+    cells alike, whatever the light, its colour or vignetting; 20-60 on nuclei)."""
+    t = frame.astype(np.float32) / np.maximum(background(frame, rbc_px, cfg.background_window, cfg.stained_floor), 1.0)
+    return 100.0 * (t[..., 2] - 0.5 * (t[..., 0] + t[..., 1]))
+
+
+def _blur(score: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(score, (0, 0), sigma) if sigma > 0.3 else score
+
+
 def _otsu(values: np.ndarray, floor: float) -> float:
-    """Otsu's cut on `values` (blueness), never below `floor`; the floor alone if too few values."""
+    """Otsu's cut on `values`, never below `floor`; the floor alone if too few values."""
     if values.size < 64:
         return floor
-    v8 = np.clip(values * 2 + 128, 0, 255).astype(np.uint8).reshape(1, -1)  # 0.5-level bins, range -64..63
+    lo, hi = np.percentile(values, (0.1, 99.9))
+    if hi - lo < 1e-3:
+        return floor
+    v8 = np.clip((values - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8).reshape(1, -1)
     cut, _ = cv2.threshold(v8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    return max((cut - 128) / 2, floor)
+    return max(lo + cut * (hi - lo) / 255.0, floor)
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -111,14 +189,21 @@ def _disc(radius: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-def masks(frame: np.ndarray, cfg: LocaliserConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(score, stained mask, nucleus mask) for one frame; masks are uint8 0/1."""
-    score = nuclear_score(frame, cfg.blur_sigma * cfg.frame_scale)
-    t_stained = _otsu(score[::2, ::2], cfg.stained_floor)  # a quarter of the pixels is plenty for a cut
+def masks(frame: np.ndarray, cfg: LocaliserConfig, rbc_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, stained mask, nucleus mask) for one frame whose red cells span `rbc_px`; masks uint8 0/1.
+
+    Floors are relative to the frame's own spread (median + n robust sigmas): a soft-focus or pale
+    stain lowers nuclei and fringes alike, and a noisy one raises both, so no cut is tied to one stain."""
+    raw = flat_blueness(frame, rbc_px, cfg)
+    score = _blur(raw, cfg.blur_sigma * rbc_px)
+    sample = score[::2, ::2]  # a quarter of the pixels is plenty for a cut
+    med = float(np.median(sample))
+    sigma = 1.4826 * float(np.median(np.abs(sample - med)))
+    t_stained = _otsu(sample, max(cfg.stained_floor, med + cfg.stained_spread * sigma))
+    floor = max(cfg.nucleus_floor, med + cfg.nucleus_spread * sigma, t_stained)
+    nucleus = (score > _otsu(score[score > t_stained], floor)).astype(np.uint8)
     stained = score > t_stained
-    t_nucleus = _otsu(score[stained], max(cfg.nucleus_floor, t_stained))
-    nucleus = (score > t_nucleus).astype(np.uint8)
-    nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(cfg.open_radius * cfg.frame_scale))
+    nucleus = cv2.morphologyEx(nucleus, cv2.MORPH_OPEN, _disc(cfg.open_radius * rbc_px))
     return score, stained.astype(np.uint8), nucleus
 
 
@@ -149,25 +234,25 @@ def _padded(box, pad: float, w: int, h: int) -> tuple[float, float, float, float
     return max(0.0, x0 - px), max(0.0, y0 - py), min(float(w), x1 + px), min(float(h), y1 + py)
 
 
-def _candidates(score, stained, nucleus, cfg: LocaliserConfig) -> list[Box]:
+def _candidates(score, stained, nucleus, cfg: LocaliserConfig, rbc_px: float) -> list[Box]:
     """One unpadded cell box per group of nucleus fragments within `merge_radius` of each other."""
-    merged = cv2.dilate(nucleus, _disc(cfg.merge_radius * cfg.frame_scale))
+    merged = cv2.dilate(nucleus, _disc(cfg.merge_radius * rbc_px))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(merged)
     h, w = nucleus.shape
-    s2 = cfg.frame_scale ** 2
+    a = rbc_px ** 2  # areas in the config are in squared red-cell diameters
     out = []
     for i in range(1, n):
         x, y, bw, bh = (int(v) for v in stats[i, :4])
         nuc = (labels[y:y + bh, x:x + bw] == i) & (nucleus[y:y + bh, x:x + bw] > 0)
         area = int(nuc.sum())
-        if not cfg.min_area * s2 <= area <= cfg.max_area * s2:
+        if not cfg.min_area * a <= area <= cfg.max_area * a:
             continue
         # A cell cut by the frame edge with little nucleus in view cannot be classified reliably
         # (and BCCD's annotators skipped such cells): it will be seen whole in another field.
         at_edge = x == 0 or y == 0 or x + bw == w or y + bh == h
-        if at_edge and area < cfg.edge_min_area * s2:
+        if at_edge and area < cfg.edge_min_area * a:
             continue
-        conf = float(np.clip(score[y:y + bh, x:x + bw][nuc].mean() / 128.0, 0.0, 1.0))
+        conf = float(np.clip(score[y:y + bh, x:x + bw][nuc].mean() / 64.0, 0.0, 1.0))
         out.append(Box(*(float(v) for v in _cell_box(stained, nuc, x, y, cfg)), conf, area))
     return out
 
@@ -202,18 +287,29 @@ def _merge_overlapping(boxes: list[Box], threshold: float) -> list[Box]:
     return boxes
 
 
-def localise(frame: np.ndarray, config: LocaliserConfig | None = None) -> list[Box]:
-    """Boxes of the white cells in an RGB uint8 HxWx3 frame, largest nucleus first (empty if none)."""
+def localise(frame: np.ndarray, config: LocaliserConfig | None = None, *, rbc_px: float | None = None) -> list[Box]:
+    """Boxes of the white cells in an RGB uint8 HxWx3 frame, largest nucleus first (empty if none).
+
+    `rbc_px`: the red-cell diameter in px of this frame if the caller measured it (a stream pools
+    it per slide); else the config's, else it is measured on the frame (wbc_edge.edge.scale)."""
     cfg = LocaliserConfig() if config is None else config
     if not isinstance(cfg, LocaliserConfig):
         raise TypeError(f"config must be a LocaliserConfig, not {type(cfg).__name__}")
     frame = to_numpy(frame)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 HxWx3 frame, got {frame.dtype} {frame.shape}")
-    score, stained, nucleus = masks(frame, cfg)
-    cells = _merge_overlapping(_candidates(score, stained, nucleus, cfg), cfg.merge_overlap)
-    h, w = nucleus.shape
-    boxes = [Box(*_padded(b.as_list(), cfg.box_pad, w, h), b.score, b.nucleus_area) for b in cells]
+    rbc = frame_rbc_px(frame, cfg, rbc_px)
+    k = min(1.0, cfg.work_rbc_px / rbc)  # work where a red cell spans work_rbc_px: same cells, less time
+    h, w = frame.shape[:2]
+    work = frame if k == 1.0 else cv2.resize(frame, (max(1, round(w * k)), max(1, round(h * k))),
+                                             interpolation=cv2.INTER_AREA)
+    kx, ky = work.shape[1] / w, work.shape[0] / h
+    score, stained, nucleus = masks(work, cfg, rbc * kx)
+    cells = _merge_overlapping(_candidates(score, stained, nucleus, cfg, rbc * kx), cfg.merge_overlap)
+    boxes = []
+    for b in cells:
+        full = (b.x0 / kx, b.y0 / ky, b.x1 / kx, b.y1 / ky)
+        boxes.append(Box(*_padded(full, cfg.box_pad, w, h), b.score, int(round(b.nucleus_area / (kx * ky)))))
     return sorted(boxes, key=lambda b: -b.nucleus_area)
 
 
@@ -239,7 +335,7 @@ def extract_crops(frame: np.ndarray, boxes, size: int, margin: float | None = No
                   fill=None, interpolation: str = "area") -> np.ndarray:
     """Square crops around each cell box -> uint8 N x size x size x 3 (one batch for the runner).
 
-    The window is `side` px (default PBC_FIELD_PX; scale it with the camera like frame_scale) or,
+    The window is `side` px (default PBC_FIELD_PX; scale it with the camera: rbc_px / REF_RBC_PX) or,
     with `margin`, box-relative. Crops running off the frame are padded with a constant background
     colour (the frame's median unless `fill` is given) rather than shifted, so the cell stays centred
     as in the training images.
