@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge.data.images import read_image
 from wbc_edge.data.voc import read_voc
-from wbc_edge.edge.localise import LocaliserConfig, extract_crops, localise, match, nuclear_score
+from wbc_edge.edge.localise import LocaliserConfig, localise, match, nuclear_score
 from wbc_edge.edge.scale import estimate_scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,27 +184,28 @@ def pbc_field_of_view(frames) -> dict | None:
 
 
 def framing_accuracy(cfg: LocaliserConfig) -> list[dict] | None:
-    """Sample-bundle accuracy on PBC images re-cropped around the localiser box: box-relative
-    margins vs a fixed field, against the untouched images (the framing the model learnt)."""
+    """Sample-bundle accuracy on PBC's native 360-px images: the whole image through the bundle's
+    preprocessor (as a crop) vs the window it cuts around the localiser's box (as in a frame)."""
     root, bundle_dir = SHARED / "pbc-fullres-sample", ROOT / "data" / "sample" / "bundle"
     if not root.is_dir() or not (bundle_dir / "manifest.json").is_file():
         return None
     from wbc_edge.bundle import Bundle
     from wbc_edge.edge.classifier import EnsembleClassifier
+    from wbc_edge.edge.preprocess import Preprocessor
 
     bundle = Bundle.load(bundle_dir)
+    pre = Preprocessor.for_bundle(bundle)
     files = [f for f in sorted(root.glob("*/*.jpg")) if f.parent.name in bundle.classes]
     imgs, y = [read_image(f) for f in files], np.array([bundle.classes.index(f.parent.name) for f in files])
-    boxes = [(localise(im, cfg) or [None])[0] for im in imgs]
+    scales = [pre.scale_of(im, "pbc") for im in imgs]
+    boxes = [(localise(im, cfg, rbc_px=s.rbc_px) or [None])[0] for im, s in zip(imgs, scales)]
     keep = [i for i, b in enumerate(boxes) if b is not None]
-    acc = lambda clf, crops: float((clf.predict(crops).argmax(1) == y[keep]).mean())  # noqa: E731
-    rows = []
+    acc = lambda clf, cells: float((clf.predict(pre.stain(cells)).argmax(1) == y[keep]).mean())  # noqa: E731
     with EnsembleClassifier(bundle, threads=1) as clf:
-        rows.append({"framing": "original image", "accuracy": acc(clf, np.stack([imgs[i][:360, :360] for i in keep]))})
-        for kw in ({"margin": 0.5}, {"margin": 0.7}, {"margin": 0.9}, {"side": 330}, {"side": 360}, {"side": 390}):
-            crops = np.concatenate([extract_crops(imgs[i], [boxes[i]], 176, **kw) for i in keep])
-            rows.append({"framing": f"{next(iter(kw))} {next(iter(kw.values()))}", "accuracy": acc(clf, crops)})
-    return [{**r, "images": len(keep)} for r in rows]
+        whole = acc(clf, np.stack([pre.canonical(imgs[i], scales[i]) for i in keep]))
+        window = acc(clf, np.concatenate([pre.frame_cells(imgs[i], [boxes[i]], scales[i]) for i in keep]))
+    return [{"framing": "whole image", "accuracy": whole, "images": len(keep)},
+            {"framing": "window around the localiser box", "accuracy": window, "images": len(keep)}]
 
 
 def _tile(name, img, truth, cfg, rbc_px) -> np.ndarray:

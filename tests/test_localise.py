@@ -10,7 +10,8 @@ import pytest
 
 from wbc_edge.data.images import read_image
 from wbc_edge.data.voc import VocAnnotationError, read_voc
-from wbc_edge.edge.localise import REF_RBC_PX, Box, LocaliserConfig, extract_crops, iou, localise, match
+from wbc_edge.edge.localise import REF_RBC_PX, Box, LocaliserConfig, iou, localise, match
+from wbc_edge.edge.preprocess import cut_window
 from wbc_edge.edge.preprocess import resize_batch
 
 
@@ -63,38 +64,17 @@ def test_blank_and_flat_frames_give_no_boxes():
     assert localise(blue) == []
 
 
-def test_crops_at_the_border_are_padded_not_shifted():
+def test_windows_at_the_border_are_padded_not_shifted():
+    """Cells near the frame edge: the preprocessor's window stays centred, padded with the fill."""
     frame = np.full((100, 100, 3), 200, np.uint8)
     frame[0:20, 0:20] = (60, 30, 150)  # a 'cell' in the corner
-    crops = extract_crops(frame, [Box(0, 0, 20, 20, 1.0, 400)], size=40, margin=0.5, fill=(10, 20, 30))
-    assert crops.shape == (1, 40, 40, 3) and crops.dtype == np.uint8
-    # side 40 px around the box centre (10, 10): frame x, y in [-10, 30) -> 1:1 scale
-    assert (crops[0, :10, :10] == (10, 20, 30)).all()  # outside the frame: the constant fill
-    assert (crops[0, 15:25, 15:25] == (60, 30, 150)).all()  # the cell stays centred
-    assert (crops[0, 35:, 35:] == 200).all()  # frame background beyond the cell
-
-
-def test_crops_inside_the_frame_are_the_resized_window():
-    rng = np.random.default_rng(0)
-    frame = rng.integers(0, 256, (120, 160, 3), np.uint8)
-    crops = extract_crops(frame, [Box(50, 40, 90, 80, 0.5, 100), Box(0, 0, 10, 10, 0.5, 10)], size=20, margin=0.25)
-    assert crops.shape == (2, 20, 20, 3)
-    # side 40 x (1 + 2 x 0.25) = 60 around the centre (70, 60): x in [40, 100), y in [30, 90)
-    expected = cv2.resize(frame[30:90, 40:100], (20, 20), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(crops[0], expected)
-    assert extract_crops(frame, [], size=20).shape == (0, 20, 20, 3)
-
-
-def test_default_crop_is_a_fixed_field_of_view_whatever_the_box():
-    # PBC's field at BCCD sampling (PBC_FIELD_PX = 468): cell size must survive the crop, since
-    # it tells a lymphocyte from a monocyte; a box-relative crop would erase it.
-    frame = np.random.default_rng(2).integers(0, 256, (600, 600, 3), np.uint8)
-    small, large = Box(290, 290, 310, 310, 0.5, 100), Box(200, 200, 400, 400, 0.5, 100)
-    crops = extract_crops(frame, [small, large], size=52)
-    expected = cv2.resize(frame[66:534, 66:534], (52, 52), interpolation=cv2.INTER_AREA)
-    assert np.array_equal(crops[0], expected) and np.array_equal(crops[1], expected)
-    with pytest.raises(ValueError):
-        extract_crops(frame, [small], size=52, margin=0.5, side=100)
+    win = cut_window(frame, 10, 10, 40, (10, 20, 30))
+    assert win.shape == (40, 40, 3)  # frame x, y in [-10, 30)
+    assert (win[:10, :10] == (10, 20, 30)).all()  # outside the frame: the constant fill
+    assert (win[15:25, 15:25] == (60, 30, 150)).all()  # the cell stays centred
+    assert (win[35:, 35:] == 200).all()  # frame background beyond the cell
+    inside = np.random.default_rng(0).integers(0, 256, (120, 160, 3), np.uint8)
+    assert np.array_equal(cut_window(inside, 70, 60, 60, (0, 0, 0)), inside[30:90, 40:100])
 
 
 def test_single_cell_inputs_pass_through_with_only_a_resize():

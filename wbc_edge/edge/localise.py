@@ -47,7 +47,6 @@ import cv2
 import numpy as np
 
 from ..xp import to_numpy
-from .preprocess import INTERPOLATIONS
 from .scale import estimate_scale
 
 REF_RBC_PX = 91.0  # red-cell diameter of a BCCD frame (640x480): where the defaults were first fitted
@@ -311,53 +310,6 @@ def localise(frame: np.ndarray, config: LocaliserConfig | None = None, *, rbc_px
         full = (b.x0 / kx, b.y0 / ky, b.x1 / kx, b.y1 / ky)
         boxes.append(Box(*_padded(full, cfg.box_pad, w, h), b.score, int(round(b.nucleus_area / (kx * ky)))))
     return sorted(boxes, key=lambda b: -b.nucleus_area)
-
-
-# PBC's 360-px cell images span about 468 px of a BCCD frame: isolated red cells (7-8 um in any
-# normal smear) measure 70 px across in PBC and 91 px in BCCD (benchmarks/bench_localise.py).
-# Models trained on PBC without scale augmentation need that field of view: re-cropping PBC images
-# with a box-relative margin drops the sample bundle from 0.84 to at best 0.62 accuracy, a fixed
-# 360-px field keeps 0.84. So by default a crop is a fixed field of view, not a margin.
-PBC_FIELD_PX = 468.0
-
-
-def crop_window(box, margin: float | None = None, side: float | None = None) -> tuple[int, int, int]:
-    """(x0, y0, side) of the square crop centred on the box: `side` px, or the longer box side x
-    (1 + 2 margin) when a margin is given, or PBC_FIELD_PX when neither is."""
-    x0, y0, x1, y1 = (box.as_list() if isinstance(box, Box) else box)
-    if side is None:
-        side = PBC_FIELD_PX if margin is None else max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    side = max(1, int(round(side)))
-    return int(round((x0 + x1 - side) / 2)), int(round((y0 + y1 - side) / 2)), side
-
-
-def extract_crops(frame: np.ndarray, boxes, size: int, margin: float | None = None, side: float | None = None,
-                  fill=None, interpolation: str = "area") -> np.ndarray:
-    """Square crops around each cell box -> uint8 N x size x size x 3 (one batch for the runner).
-
-    The window is `side` px (default PBC_FIELD_PX; scale it with the camera: rbc_px / REF_RBC_PX) or,
-    with `margin`, box-relative. Crops running off the frame are padded with a constant background
-    colour (the frame's median unless `fill` is given) rather than shifted, so the cell stays centred
-    as in the training images.
-    """
-    if margin is not None and side is not None:
-        raise ValueError("give a crop margin or a fixed side, not both")
-    out = np.empty((len(boxes), size, size, 3), np.uint8)
-    if not len(boxes):
-        return out
-    if fill is None:  # median of a pixel sample: the background dominates every smear frame
-        fill = np.median(frame.reshape(-1, 3)[::97], axis=0)
-    fill = tuple(int(v) for v in np.broadcast_to(np.asarray(fill), (3,)))
-    h, w = frame.shape[:2]
-    for i, b in enumerate(boxes):
-        x0, y0, n = crop_window(b, margin, side)
-        crop = np.empty((n, n, 3), np.uint8)
-        crop[:] = fill
-        sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + n), min(h, y0 + n)
-        if sx1 > sx0 and sy1 > sy0:
-            crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = frame[sy0:sy1, sx0:sx1]
-        out[i] = cv2.resize(crop, (size, size), interpolation=INTERPOLATIONS[interpolation])
-    return out
 
 
 def iou(a, b) -> float:
