@@ -93,3 +93,12 @@ def test_refinement_quick(tmp_path, sample_dir):
     assert names[0] == "ensemble only" and len(names) == 10 and "as selected on validation [member]" in names
     data = _payload(tmp_path, "refinement")
     assert data["morphology"]["pairs"] and data["verify"]["member"]["n_prototypes"]
+
+
+def test_cross_site_quick(tmp_path):
+    from benchmarks import cross_site
+
+    res = cross_site.main(["--quick", "--out", str(tmp_path)])
+    sets = [r["set"] for r in _payload(tmp_path, "cross_site")["rows"]]
+    assert sets[0] == "Chula cells" and "PBC cells" in sets and "Chula frames" in sets
+    assert res["sets"]["pbc"]["mapped"]["5part"]["n"] > 0 and (tmp_path / "cross_site.png").stat().st_size > 0

@@ -425,12 +425,3 @@ def bundle_stain(bundle) -> dict | None:
     """The bundle's Macenko reference (as stored) when its model runs on normalised cells, else None."""
     stain = bundle.extra.get("stain") or {}
     return stain["reference"] if stain.get("normalise") else None
-
-
-def prepare_crops(crops, size: int, interpolation: str, reference: StainReference | None):
-    """Crops (any size) -> the uint8 batch a graph takes: resized, then stain-normalised when its model
-    was trained on normalised cells (the classifier and the refinement's embedder share this)."""
-    from .preprocess import resize_batch
-
-    batch = resize_batch(crops, size, interpolation)
-    return normalise_batch(batch, reference)[0] if reference is not None else batch

@@ -25,7 +25,8 @@ import onnx
 
 from ..._optional import require
 from ...build.surgery import EMBEDDING, INPUT, OUTPUT, add_io_processing, embedding_graph, set_metadata
-from ..stain import StainReference, bundle_stain, prepare_crops
+from ..preprocess import Preprocessor, resize_batch
+from ..stain import StainReference, bundle_stain
 
 
 class EmbedderError(ValueError):
@@ -166,7 +167,9 @@ class Embedder:
     def __init__(self, onnx_path, spec: EmbedSpec, device: str = "cpu", threads: int | None = None,
                  max_batch: int = 128):
         self.onnx_path, self.spec, self.device, self.threads, self.max_batch = onnx_path, spec, device, threads, max_batch
-        self.stain = StainReference.from_dict(spec.stain) if spec.stain else None
+        # an independent embedder (another size or stain) adapts the classifier's model input to its own
+        self.pre = Preprocessor(spec.input_size, spec.interpolation,
+                                stain=StainReference.from_dict(spec.stain) if spec.stain else None)
         self.runner = None
 
     def __enter__(self):
@@ -184,7 +187,7 @@ class Embedder:
     def __call__(self, crops) -> np.ndarray:
         if self.runner is None:
             raise RuntimeError("Embedder used outside its `with` block")
-        batch = prepare_crops(crops, self.spec.input_size, self.spec.interpolation, self.stain)
+        batch = self.pre.stain(resize_batch(crops, self.spec.input_size, self.spec.interpolation))
         if not len(batch):
             return np.zeros((0, 0), np.float32)
         out = np.concatenate([self.runner.infer(batch[i:i + self.max_batch])
