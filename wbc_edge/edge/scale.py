@@ -78,7 +78,11 @@ def dominant_diameter(diameters: np.ndarray, bandwidth: float = 0.08) -> float |
     logs = np.log(d)
     grid = np.linspace(logs.min(), logs.max(), 200)
     density = np.exp(-0.5 * ((grid[:, None] - logs[None]) / bandwidth) ** 2).sum(1)
-    mode = float(np.exp(grid[density.argmax()]))
+    # red cells are the largest round objects a smear has many of: of the density's peaks at least half
+    # as high as the highest, take the largest (pallor rims, lobes and platelets give smaller peaks)
+    peaks = np.flatnonzero((density >= np.roll(density, 1)) & (density >= np.roll(density, -1))
+                           & (density >= 0.5 * density.max()))
+    mode = float(np.exp(grid[peaks.max()]))
     return mode if int((np.abs(logs - np.log(mode)) < 0.14).sum()) >= MIN_SUPPORT else None
 
 
