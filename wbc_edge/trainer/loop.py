@@ -319,6 +319,10 @@ def augmentation_hooks(cfg: TrainConfig) -> list:
     from ..data.degrade import KINDS, degradation_hook
 
     hooks = []
+    if cfg.site_augment > 0:  # another lab's magnification, stain and optics, on most images
+        from .site_augment import site_hook
+
+        hooks.append(site_hook(cfg.site_augment, cfg.site_parts))
     if cfg.stain_augment > 0:
         hooks.append(degradation_hook(cfg.stain_augment, 3, ["stain_shift"]))
     if cfg.degrade_p > 0:
