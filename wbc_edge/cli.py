@@ -234,6 +234,48 @@ def refine(bundle, val, morph, verify_source, per_class):
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("cells", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="the new bundle (a new or empty directory)")
+@click.option("--labels", type=click.Path(exists=True),
+              help="few-shot: labelled cells of the site, at most 20 per class (5-part codes map to the "
+                   "model's classes, NE to SNE); refits the classifier head on the adapted backbone")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="cells per BatchNorm statistics batch")
+@_scale_options
+def adapt(bundle, cells, out, labels, batch_size, pixel_size, scale_per):
+    """Calibrate BUNDLE to a new site: BatchNorm statistics re-estimated on the site's unlabelled CELLS
+    (pooled over the site), its stain reference recorded; written as a new bundle (needs the `train`
+    extra). Built INT8/TensorRT artifacts and the fused graph are left out: rebuild them with `build`."""
+    from .fit.adapt import adapt as run_adapt
+
+    a = run_adapt(bundle, cells, out, labels, pixel_size, scale_per, batch_size).extra["adapt"]
+    before, after = a["predictions_before"], a["predictions_after"]
+    click.echo(f"adapted bundle: {out} ({a['cells']['n']} cells of {cells}, "
+               f"{len(a['cells']['unreadable'])} unreadable)")
+    for m in a["members"]:
+        bn = (f"{m['bn_layers']} BatchNorm layers, running variances moved by |log ratio| "
+              f"{m['var_abs_log_ratio']:.3f}, means by {m['mean_abs_change_in_sd']:.3f} sd" if m["bn_layers"]
+              else "no BatchNorm layers, nothing to re-estimate")
+        click.echo(f"member {m['member']}: {bn}"
+                   + (f"; head on {m['head']['n']} labelled views: accuracy "
+                      f"{m['head']['train_accuracy_before']:.3f} -> {m['head']['train_accuracy_after']:.3f}"
+                      if "head" in m else ""))
+    click.echo(f"site cells: mean top-1 probability {before['mean_max_prob']:.3f} -> "
+               f"{after['mean_max_prob']:.3f}, predicted-class entropy "
+               f"{before['predicted_class_entropy']:.2f} -> {after['predicted_class_entropy']:.2f} bits")
+    click.echo(f"  predicted before {before['predicted']}\n  predicted after  {after['predicted']}")
+    if "few_shot" in a:
+        f = a["few_shot"]
+        click.echo(f"few-shot labels per class {f['per_class']}" +
+                   (f"; skipped (no model class): {f['skipped_labels']}" if f["skipped_labels"] else ""))
+    if a["dropped"]:
+        click.echo(f"left out (stale after adaptation): {', '.join(a['dropped'])}; rebuild with "
+                   f"`wbc-edge build {out} --target ...`")
+
+
+@main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--kind", required=True, type=click.Choice(list(KINDS)), help="degradation kind")

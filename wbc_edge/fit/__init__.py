@@ -1,0 +1,1 @@
+"""Offline fitting on a bundle: site adaptation (`adapt`). Needs the `train` extra; the runtime never imports it."""
