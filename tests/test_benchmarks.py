@@ -102,3 +102,14 @@ def test_cross_site_quick(tmp_path):
     sets = [r["set"] for r in _payload(tmp_path, "cross_site")["rows"]]
     assert sets[0] == "Chula cells" and "PBC cells" in sets and "Chula frames" in sets
     assert res["sets"]["pbc"]["mapped"]["5part"]["n"] > 0 and (tmp_path / "cross_site.png").stat().st_size > 0
+
+
+def test_site_ablation_quick(tmp_path, shared_data):
+    pytest.importorskip("torch")
+    from benchmarks import site_ablation
+
+    site_ablation.main(["--quick", "--variants", "site,gn", "--out", str(tmp_path)])
+    rows = _payload(tmp_path, "site_ablation")["rows"]
+    assert [r["variant"] for r in rows] == ["site", "gn"]
+    assert all(0 <= r["pbc_9class"] <= 1 and 0 <= r["chula_5part-strict"] <= 1 for r in rows)
+    assert (tmp_path / "site_ablation.png").stat().st_size > 0
