@@ -7,6 +7,7 @@ and on the map's parts (cells whose label maps to one; predictions are mapped to
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +18,13 @@ from .bundle import Bundle
 from .data.datasets import open_dataset
 from .data.wbcbench import write_submission
 from .edge.classifier import EnsembleClassifier
+from .edge.drift import DriftMonitor, RecordingClassifier, flag_row
 from .edge.offline import classify_dataset, write_jsonl
 from .edge.preprocess import Preprocessor
 from .edge.refine.refiner import Refiner
-from .taxonomy import FIVE_PARTS, OTHER, LabelMap, load_label_map
+from .taxonomy import FIVE_PARTS, OTHER, RARE_CODES, LabelMap, load_label_map
+
+log = logging.getLogger("wbc_edge.evaluate")
 
 
 def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "fp32", views=None,
@@ -35,7 +39,9 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
-    rows, run = _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine)
+    monitor = DriftMonitor.for_bundle(bundle)
+    rows, run = _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine, monitor)
+    drift = _site_monitor(rows, ds, monitor)
     rows += _skipped_rows(ds)
     lmap = choose_label_map(label_map, [r["label"] for r in rows], bundle.classes)
     _annotate(rows, bundle.classes, lmap)
@@ -43,7 +49,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     write_submission(out / "submission.csv", [Path(r["path"]).name for r in rows],
                      [r["pred"] or "" for r in rows])
     fine = _fine_report(rows, bundle.classes, out)
-    mapped = _mapped_report(rows, lmap, out) if lmap else None
+    mapped = _mapped_report(rows, lmap, out, bundle.classes) if lmap else None
     if fine is None and mapped is None:
         via = f" or to a part of label map {lmap.name}" if lmap else ""
         raise ValueError(f"{data}: no readable images with a label among the model's classes "
@@ -58,22 +64,51 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
                    "unreadable": [{"path": r["path"], "reason": r["error"]} for r in rows if r.get("error")],
                    "files": ["metrics.json", "predictions.jsonl", "submission.csv"]
                    + (["confusion.png", "reliability.png"] if fine else [])
-                   + ([f"confusion_{lmap.name}.png"] if mapped else [])})
+                   + ([f"confusion_{lmap.name}.png", f"reliability_{lmap.name}.png"] if mapped else []),
+                   "drift": drift, "reliable": drift["reliable"], "unreliable_reason": drift["reason"],
+                   "n_site_shift": sum(1 for r in rows if "site_shift" in r.get("flags", ())),
+                   "n_rare_unverified": sum(1 for r in rows if "unverified" in r.get("flags", ()))})
     if mapped:
         report["mapped"] = mapped
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine) -> tuple[list[dict], dict]:
-    """One row per sample of `ds`, and what ran: runner, views, whether refinement was applied."""
+def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine,
+              monitor=None) -> tuple[list[dict], dict]:
+    """One row per sample of `ds`, and what ran: runner, views, whether refinement was applied. With a
+    site `monitor`, each classified row gets its `drift_features` (measured on its model-input cell)."""
     with EnsembleClassifier(bundle, device, views, precision) as clf:
         refiner = Refiner.for_bundle(bundle, refine, device)
+        rec = RecordingClassifier(clf, monitor)
         try:
-            rows = list(classify_dataset(clf, ds, batch_size, progress=progress, refiner=refiner, pre=pre))
+            rows = list(classify_dataset(rec, ds, batch_size, progress=progress, refiner=refiner, pre=pre))
         finally:
             refiner.close()
+        rec.attach([r for r in rows if r.get("pred")])
         return rows, {"runner": clf.runners[0].name, "refined": refiner.active, "views": clf.views}
+
+
+def _site_monitor(rows, ds, monitor: DriftMonitor) -> dict:
+    """Pool the rows' statistics per slide (the dataset, or its `group` column, as for the scale), flag
+    the rows of a slide above the threshold (`site_shift`; a rare-cell call `rare` + `unverified`)."""
+    group = {s.path: s.group or "" for s in ds.samples}
+    slides: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("drift_features") is not None:
+            slides.setdefault(group.get(r["path"], ""), []).append(r)
+    for slide, rs in slides.items():
+        alarm = monitor.add(slide, np.stack([r["drift_features"] for r in rs]))
+        for r in rs:
+            if alarm:
+                r["flags"] = ["rare"] if r["pred"] in RARE_CODES else []
+                flag_row(r, True)
+    for r in rows:
+        r.pop("drift_features", None)
+    drift = monitor.report()
+    if drift["alarm"]:
+        log.warning("%s", drift["reason"])
+    return drift
 
 
 def _skipped_rows(ds) -> list[dict]:
@@ -130,10 +165,21 @@ def _fine_report(rows, classes, out: Path) -> dict | None:
     return report
 
 
-def _mapped_report(rows, lmap: LabelMap, out: Path) -> dict | None:
+def _mapped_report(rows, lmap: LabelMap, out: Path, classes: list[str]) -> dict | None:
     png = out / f"confusion_{lmap.name}.png"
-    report, _ = _score(rows, "label_mapped", "pred_mapped", lmap.parts + [OTHER], png)
-    return {"map": lmap.name, "table": lmap.table, **_over_parts(report, lmap.parts)} if report else None
+    report, scored = _score(rows, "label_mapped", "pred_mapped", lmap.parts + [OTHER], png)
+    if report is None:
+        return None
+    # calibration on the map's parts: a part's probability is the sum over the model classes it takes
+    # (what a 5-part count would report); OTHER takes the classes no part does
+    columns = lmap.parts + [OTHER]
+    to_part = np.zeros((len(classes), len(columns)))
+    to_part[np.arange(len(classes)), [columns.index(lmap.pred_part(c)) for c in classes]] = 1.0
+    probs = np.stack([r["probs"] for r in scored]) @ to_part
+    y_idx = np.asarray([columns.index(r["label_mapped"]) for r in scored])
+    report["ece"] = metrics.expected_calibration_error(probs, y_idx)
+    metrics.plot_reliability(probs, y_idx, out / f"reliability_{lmap.name}.png")
+    return {"map": lmap.name, "table": lmap.table, **_over_parts(report, lmap.parts)}
 
 
 def _over_parts(report: dict, parts: list[str]) -> dict:

@@ -30,6 +30,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..taxonomy import RARE_CODES
 from .classifier import EnsembleClassifier
+from .drift import NO_STATISTICS, DriftMonitor, flag_row
 from .preprocess import Preprocessor
 from .sinks import (
     AnnotatedFrames,
@@ -67,6 +68,7 @@ class StreamSummary:
     errors: dict = field(default_factory=dict)  # {"count", "examples": first few {source, index, error}}
     restored_frames: int = 0  # frames/crops the impulse guard restored (their rows say so)
     scales: dict = field(default_factory=dict)  # per slide: the last scale its cells got (um/px, source)
+    drift: dict = field(default_factory=dict)  # the site monitor: score per slide, alarm, reliable, reason
     differential: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)  # per stage: total_s, calls, ms_per_call, ms_per_frame
     fps: float = 0.0
@@ -177,8 +179,12 @@ class Pipeline:
     def __init__(self, source: Source, clf: EnsembleClassifier, sinks: list[Sink], labeller: CellLabeller,
                  pre: Preprocessor, localiser_config=None, max_batch: int = 64,
                  max_delay_ms: float = 20.0, workers: int = 1, keep_images: bool = False,
-                 on_progress: Callable[[dict], None] | None = None, localiser=None):
+                 on_progress: Callable[[dict], None] | None = None, localiser=None,
+                 monitor: DriftMonitor | None = None):
         self.source, self.clf, self.sinks, self.labeller = source, clf, sinks, labeller
+        # the site monitor: per-slide distance from the bundle's training cells (silent without statistics)
+        self.monitor = monitor if monitor is not None else DriftMonitor(None, NO_STATISTICS)
+        self.diff = next((s for s in sinks if isinstance(s, DifferentialCount)), None)
         self.pre = pre  # the bundle's preprocessor: impulse guard, scale, canonical cells, stain step
         self.crops_mode = source.kind == "crops"
         self.crop_size, self.keep_images = pre.size, keep_images
@@ -334,11 +340,16 @@ class Pipeline:
         """One EnsembleClassifier call for the crops of all pending frames, then split per frame."""
         sizes = [len(loc.crops) for loc in pending]
         probs = np.zeros((0, len(self.labeller.classes)), np.float32)
+        feats = None
         if sum(sizes):
             t0 = time.perf_counter()
             cells = self.pre.stain(np.concatenate([loc.crops for loc in pending if len(loc.crops)]))
             probs = self.clf.predict(cells)
             self.times.add("infer", time.perf_counter() - t0)
+            if self.monitor.active:  # the site statistics of the same model-input cells (cheap, per batch)
+                t1 = time.perf_counter()
+                feats = self.monitor.features(cells, probs)
+                self.times.add("site_monitor", time.perf_counter() - t1)
             self.n_batches += 1
             self.batched_crops += sum(sizes)
             self.max_seen = max(self.max_seen, sum(sizes))
@@ -351,7 +362,9 @@ class Pipeline:
         parts = zip(np.split(probs, bounds), np.split(final, bounds),
                     np.split(np.arange(len(probs)), bounds))
         for loc, (p, f, idx) in zip(pending, parts):
-            if not self._put(self.q_results, (loc, p, f, [changes[i] for i in idx] if changes is not None else None)):
+            item = (loc, p, f, [changes[i] for i in idx] if changes is not None else None,
+                    feats[idx] if feats is not None else None)
+            if not self._put(self.q_results, item):
                 return
 
     # ---- stage 4: sinks ---------------------------------------------------------------------
@@ -384,10 +397,11 @@ class Pipeline:
             if item is not _END:
                 self._write(*item)
 
-    def _write(self, loc: _Located, probs: np.ndarray, final=None, changes=None) -> None:
+    def _write(self, loc: _Located, probs: np.ndarray, final=None, changes=None, feats=None) -> None:
         t0 = time.perf_counter()
         res = FrameResult(loc.frame, loc.boxes, loc.crops,
                           self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, final, changes, loc.scale))
+        self._monitor(res, feats)
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
                 res.latency_s = time.perf_counter() - loc.frame.t_start
@@ -396,6 +410,22 @@ class Pipeline:
         if loc.scale is not None:
             self.scales["" if self.crops_mode else slide_of(loc.frame)] = loc.scale.as_row()
         self._count(res)
+
+    def _monitor(self, res: FrameResult, feats) -> None:
+        """Pool this frame's cells into its slide; once the slide's alarm is on, flag its cells and mark
+        the differential unreliable (the alarm latches per slide)."""
+        slide = "" if self.crops_mode else slide_of(res.frame)
+        was_on = self.monitor.alarm(slide)
+        if not self.monitor.add(slide, feats):
+            return
+        for row in res.cells:
+            flag_row(row, True)
+        if not was_on:
+            drift = self.monitor.report()
+            log.warning("%s (from cell %d of the slide on)", drift["reason"],
+                        drift["slides"][slide]["fired_at_cell"])
+            if self.diff is not None:
+                self.diff.set_reliability(drift)
 
     def _count(self, res: FrameResult) -> None:
         self.frames += 1
@@ -493,6 +523,7 @@ def _summarise(pipe: Pipeline | None, status: str, error: str | None, **info) ->
     s.errors = {"count": pipe.n_errors, "examples": pipe.error_examples}
     s.restored_frames = pipe.n_restored
     s.scales = dict(pipe.scales)
+    s.drift = pipe.monitor.report()
     s.timing = pipe.times.as_dict(pipe.frames)
     s.fps, s.cells_per_s = round(pipe.frames / wall, 3), round(pipe.cells / wall, 3)
     s.latency_ms = {k: (round(1e3 * v, 2) if v is not None else None) for k, v in
@@ -538,7 +569,8 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
         pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms, workers,
-                        keep_images=annotate, on_progress=on_progress, localiser=localiser)
+                        keep_images=annotate, on_progress=on_progress, localiser=localiser,
+                        monitor=DriftMonitor.for_bundle(bundle))
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
                 "load_s": round(time.perf_counter() - t_load, 3)}
@@ -577,6 +609,8 @@ def _finish(pipe, src, interrupted, sinks, out: Path, rss_start: float, **info) 
     """Summary, then close every sink (each gets the summary; one failing does not stop the others)."""
     status, error = _status(pipe, src, interrupted)
     diff = next(s for s in sinks if isinstance(s, DifferentialCount))
+    if pipe is not None:  # the final state of the site monitor, in differential.json and the summary
+        diff.set_reliability(pipe.monitor.report())
     review = next(s for s in sinks if isinstance(s, ReviewQueue))
     summary = _summarise(pipe, status, error, diff=diff, **info)
     summary.review = {"saved": review.saved, "dropped": review.dropped}

@@ -22,6 +22,7 @@ figure{margin:0;width:104px;font-size:11px;text-align:center}
 figure img{width:96px;height:96px;border:3px solid #4a4}
 figure.rare img{border-color:#d22} figure.low_confidence img{border-color:#e90}
 .alert{color:#b00;font-weight:bold}
+.drift{border:2px solid #d22;background:#fde2e1;padding:.5em 1em;margin:1em 0}
 """
 
 
@@ -45,8 +46,9 @@ def _alerts(diff: dict) -> str:
     alerts = diff.get("rare_alerts", {})
     if not alerts:
         return "<p>No rare cells (BL, PMY, MY, MMY, PC, PLY, VLY) were predicted.</p>"
-    items = "".join(f"<li class=alert>{_esc(c)} ({_esc(FULL_NAMES.get(c, ''))}): {a['count']} cell(s)</li>"
-                    for c, a in alerts.items())
+    held = lambda a: ", held as unverified (site shift)" if a.get("held") else ""  # noqa: E731
+    items = "".join(f"<li class=alert>{_esc(c)} ({_esc(FULL_NAMES.get(c, ''))}): {a['count']} cell(s)"
+                    f"{held(a)}</li>" for c, a in alerts.items())
     return f"<ul>{items}</ul><p>Every flagged cell is in <code>review/</code> with its prediction.</p>"
 
 
@@ -94,6 +96,26 @@ def _errors(s: dict) -> str:
     return f"<h2>Unreadable input (first {len(ex)} of {s['errors']['count']})</h2><ul>{items}</ul>"
 
 
+def _site_monitor(s: dict) -> str:
+    """A warning box when the site monitor fired, and its score per slide."""
+    drift = s.get("drift") or {}
+    if not drift.get("threshold"):
+        return (f"<h2>Site monitor</h2><p>{_esc(drift.get('status') or 'not run')}: no comparison with the "
+                "training cells.</p>")
+    rows = "".join(f"<tr><td class=l>{_esc(k or '(input)')}</td><td>{r['n']}</td><td>{r['score']:.1f}</td>"
+                   f"<td class=l>{'ALARM' if r['alarm'] else 'ok'}</td><td class=l>"
+                   + _esc(", ".join(f"{t['what']} {t['z']:+.1f}" for t in r["top"][:2])) + "</td></tr>"
+                   for k, r in drift.get("slides", {}).items())
+    return (f"<h2>Site monitor</h2><p>Distance from the {_esc(drift.get('reference'))} statistics (threshold "
+            f"{drift['threshold']:g}).</p><table><tr><th>slide</th><th>cells</th><th>score</th><th>state</th>"
+            f"<th>furthest statistics (z)</th></tr>{rows}</table>")
+
+
+def _drift_warning(s: dict) -> str:
+    drift = s.get("drift") or {}
+    return f"<div class=drift><b>Warning.</b> {_esc(drift['reason'])}</div>" if drift.get("alarm") else ""
+
+
 def write_report(path, summary: dict, gallery: dict[str, list[dict]], flagged: list[dict]) -> Path:
     """Write the report; `gallery` maps class -> thumbnails, `flagged` lists flagged thumbnails.
 
@@ -102,11 +124,13 @@ def write_report(path, summary: dict, gallery: dict[str, list[dict]], flagged: l
     path = Path(path)
     diff = summary.get("differential") or {}
     body = (f"<h1>wbc-edge stream report</h1><p>Source <code>{_esc(summary.get('source'))}</code>, "
-            f"bundle <code>{_esc(summary.get('bundle'))}</code></p>"
+            f"bundle <code>{_esc(summary.get('bundle'))}</code></p>{_drift_warning(summary)}"
             f"<h2>Differential count</h2>{_count_table(diff)}<h2>Rare-cell alerts</h2>{_alerts(diff)}"
             f"<h2>Flagged cells ({len(flagged)} shown)</h2>"
             f"<div class=cells>{''.join(_figure(i) for i in flagged) or 'none'}</div>"
-            f"<h2>Cells by class</h2>{_gallery(gallery)}<h2>Run</h2>{_run_table(summary)}{_errors(summary)}")
+            f"<h2>Cells by class</h2>{_gallery(gallery)}{_site_monitor(summary)}"
+            f"<h2>Run</h2>{_run_table(summary)}"
+            f"{_errors(summary)}")
     path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>wbc-edge report</title>"
                     f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
     return path
@@ -121,7 +145,9 @@ def summary_text(summary: dict) -> str:
             pct = f"{c['percent_of_wbc']:5.1f}%" if c.get("percent_of_wbc") is not None else "   --"
             lines.append(f"{code:9s} {c['count']:7d}  {pct}{'  RARE' if code in RARE_CODES else ''}")
     for code, a in (diff.get("rare_alerts") or {}).items():
-        lines.append(f"ALERT: {a['count']} {code} ({FULL_NAMES.get(code, code)}) cell(s): see review/")
+        held = (f", held as unverified (site shift; {a.get('unverified', 0)} cell(s) flagged)"
+                if a.get("held") else "")
+        lines.append(f"ALERT: {a['count']} {code} ({FULL_NAMES.get(code, code)}) cell(s){held}: see review/")
     lat, n_bad = summary.get("latency_ms") or {}, (summary.get("errors") or {}).get("count", 0)
     lines.append(f"{summary.get('status')}: {summary.get('frames')} frames, {summary.get('cells')} cells, "
                  f"{n_bad} unreadable; {summary.get('fps')} frames/s, "
@@ -129,6 +155,18 @@ def summary_text(summary: dict) -> str:
     if summary.get("restored_frames"):
         lines.append(f"{summary['restored_frames']} frame(s) had salt-and-pepper noise, restored before "
                      "classification (rows marked `restored`)")
+    lines += _drift_lines(summary.get("drift") or {})
     if summary.get("error"):
         lines.append(f"error: {summary['error']}")
     return "\n".join(lines)
+
+
+def _drift_lines(drift: dict) -> list[str]:
+    """The site monitor in one line (ok, or no statistics), or the warning with each slide's score."""
+    if not drift.get("threshold"):
+        return [f"site monitor: {drift['status']}"] if drift.get("status") else []
+    scores = ", ".join(f"{k or 'input'} {r['score']:.1f}" for k, r in drift.get("slides", {}).items())
+    if not drift.get("alarm"):
+        return [f"site monitor: ok (score {scores or '-'}, threshold {drift['threshold']:g})"]
+    return [f"WARNING: {drift['reason']}",
+            f"site monitor scores: {scores} (threshold {drift['threshold']:g})"]

@@ -114,6 +114,8 @@ class DifferentialCount(Sink):
     """The running differential: counts per class, % over white cells, rare-cell alerts.
 
     Rewritten atomically to differential.json on every flush, so it is current while the run goes on.
+    While the site monitor's alarm is on (`set_reliability`), the count says it is not reliable and why,
+    and each rare-cell alert counts the calls held as `unverified`.
     """
 
     def __init__(self, path: Path, classes: list[str], max_examples: int = 10):
@@ -121,6 +123,13 @@ class DifferentialCount(Sink):
         self.counts: Counter = Counter()
         self.flags: Counter = Counter()
         self.alerts: dict[str, dict] = {}
+        self.site = {"reliable": True, "reason": None, "site_monitor": None}
+        self._dirty = True
+
+    def set_reliability(self, drift: dict) -> None:
+        """The site monitor's report (`DriftMonitor.report`): reliable or not, the reason, its status."""
+        self.site = {"reliable": bool(drift.get("reliable", True)), "reason": drift.get("reason"),
+                     "site_monitor": drift.get("status")}
         self._dirty = True
 
     def write(self, res: FrameResult) -> None:
@@ -134,8 +143,9 @@ class DifferentialCount(Sink):
             self._dirty = True
 
     def _alert(self, r: dict) -> None:
-        a = self.alerts.setdefault(r["pred"], {"count": 0, "examples": []})
+        a = self.alerts.setdefault(r["pred"], {"count": 0, "unverified": 0, "examples": []})
         a["count"] += 1
+        a["unverified"] += "unverified" in r.get("flags", ())
         if len(a["examples"]) < self.max_examples:  # the first few, so a reviewer can go straight to them
             a["examples"].append({k: r.get(k) for k in ("source", "frame", "cell", "box", "confidence")})
 
@@ -146,8 +156,10 @@ class DifferentialCount(Sink):
                 "classes": {c: {"count": self.counts[c], "rare": c in RARE_CODES,
                                 "percent_of_wbc": round(100.0 * self.counts[c] / n_wbc, 2)
                                 if n_wbc and is_wbc(c) else None} for c in order},
-                "rare_alerts": {c: self.alerts[c] for c in sorted(self.alerts)},
-                "flags": dict(self.flags)}
+                # while the site monitor's alarm is on every alert is held (cells before it fired included)
+                "rare_alerts": {c: {**self.alerts[c], "held": not self.site["reliable"]}
+                                for c in sorted(self.alerts)},
+                "flags": dict(self.flags), **self.site}
 
     def flush(self) -> None:
         if self._dirty:
