@@ -293,8 +293,8 @@ def degrade(src, dst, kind, severity, seed):
                "listed with their reason")
 
 
-BENCHMARKS = ("throughput", "cross_site", "robustness", "bench_stream", "bench_int8", "bench_localise",
-              "bench_stain_quality", "bench_features", "longtail_ablation")
+BENCHMARKS = ("throughput", "cross_site", "site_ablation", "drift", "robustness", "bench_stream", "bench_int8",
+              "bench_localise", "bench_stain_quality", "bench_features", "longtail_ablation")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -337,4 +337,7 @@ def adapt(bundle_dir, cells, out, labels=None, pixel_size: float | None = None, 
     new.save()
     if not all(p["ok"] for p in parity):
         raise BundleError(f"{out}: exported graphs disagree with their PyTorch members: {parity}")
+    from ..edge.drift import fit_site
+
+    fit_site(new, cells)  # the drift monitor now compares this site with itself, not with the training lab
     return new

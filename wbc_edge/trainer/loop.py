@@ -412,6 +412,10 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
         t = fit_bundle_temperature(bundle, held_out)
         log.info("confidence temperature %.3f: validation ECE %.4f -> %.4f", t["temperature"], t["ece_before"],
                  t["ece_after"])
+    if (out / "train_split.csv").exists():  # what the drift monitor compares every new slide with
+        from ..edge.drift import fit_drift
+
+        fit_drift(bundle, out / "train_split.csv")
     return bundle
 
 
