@@ -5,7 +5,8 @@ frames), INT8 calibration, temperature/refinement fitting and the embedder. A cr
 added here therefore reaches all of them; `tests/test_preprocess.py` checks that one cell gives
 bit-identical model input through each consumer.
 
-    impulse guard (native size) -> physical scale -> canonical window -> resize -> stain step
+    impulse guard (native size) -> physical scale -> canonical window -> resize -> colour step
+    (anchoring to the training lab's background and dark point; stain normalisation)
 
 The canonical window is the field of view of the bundle's training images at their red-cell size
 (`Bundle.extra["scale"]`: `rbc_px`, `window_px`): an image whose red cells span d px is cut to a
@@ -92,8 +93,9 @@ class Preprocessor:
     """Built from a bundle (`for_bundle`), or from the trainer's pieces before a bundle exists."""
 
     def __init__(self, input_size: int, interpolation: str = "area", scale: dict | None = None, stain=None,
-                 guard=None, pixel_size: float | None = None, same_scale: bool = True):
+                 guard=None, pixel_size: float | None = None, same_scale: bool = True, anchor: dict | None = None):
         self.size, self.interpolation = int(input_size), interpolation
+        self.anchor = anchor  # the training cells' background and dark point (edge/anchor.py)
         self.scale_spec = dict(scale or {})  # rbc_px, window_px, cell_px of the training images
         self.stain_ref, self.guard, self.pixel_size = stain, guard, pixel_size
         self.slides = SlideScales() if same_scale else None
@@ -109,7 +111,7 @@ class Preprocessor:
         pp = bundle.preprocess
         return cls(pp.input_size, pp.interpolation, bundle.extra.get("scale"),
                    StainReference.from_dict(ref) if ref else None, ImpulseGuard.for_bundle(bundle),
-                   pixel_size, same_scale)
+                   pixel_size, same_scale, bundle.extra.get("anchor"))
 
     # ---- the steps ---------------------------------------------------------------------------
     def guarded(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -145,8 +147,15 @@ class Preprocessor:
         return resize_batch([win], self.size, self.interpolation)[0]
 
     def stain(self, batch: np.ndarray) -> np.ndarray:
-        """The stain step on canonical cells: normalised to the bundle's reference when its model asks."""
-        if self.stain_ref is None or not len(batch):
+        """The colour step on canonical cells: anchored to the training cells' background and dark
+        point, then stain-normalised to the bundle's reference, each when the bundle asks for it."""
+        if not len(batch):
+            return batch
+        if self.anchor:
+            from .anchor import anchor
+
+            batch = anchor(batch, self.anchor)
+        if self.stain_ref is None:
             return batch
         from .stain import normalise_batch
 

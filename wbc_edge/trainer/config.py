@@ -48,6 +48,7 @@ class TrainConfig:
     degrade_max_severity: int = 3
     site_augment: float = 0.8  # probability per image of the site-robust chain (trainer/site_augment.py)
     site_parts: list[str] = field(default_factory=lambda: ["scale", "stain", "optics"])
+    colour_anchor: bool = True  # map each cell's background and dark point to the training cells' (edge/anchor.py)
     stain_normalise: bool = False  # train (and run) on Macenko-normalised cells, reference = training set
     progress: bool = True
 

@@ -330,10 +330,13 @@ def augmentation_hooks(cfg: TrainConfig) -> list:
     return hooks
 
 
-def stain_reference(pool: Pool, n: int = 1024):
+def stain_reference(pool: Pool, anchors: dict | None = None, n: int = 1024):
+    """The training cells' Macenko reference, measured as the runtime will see them (anchored first)."""
+    from ..edge.anchor import anchor
     from ..edge.stain import fit_reference
 
-    return fit_reference(pool.x[::max(1, len(pool.x) // n)])
+    sample = pool.x[::max(1, len(pool.x) // n)]
+    return fit_reference(anchor(sample, anchors) if anchors else sample)
 
 
 def stain_record(reference, normalise: bool) -> dict:
@@ -342,13 +345,18 @@ def stain_record(reference, normalise: bool) -> dict:
     return {"reference": reference.to_dict(), "normalise": normalise}
 
 
-def normalise_pool(pool: Pool, reference) -> None:
-    """Normalise the loaded cells in place (validation cells are then what the runtime will see)."""
-    from ..edge.preprocess import Preprocessor
-
-    stain_step = Preprocessor(pool.x.shape[1], stain=reference).stain
+def normalise_pool(pool: Pool, colour_step) -> None:
+    """The preprocessor's colour step on the loaded cells, in place (validation cells are then what the
+    runtime will see)."""
     for i in range(0, len(pool.x), 512):
-        pool.x[i:i + 512] = stain_step(pool.x[i:i + 512])
+        pool.x[i:i + 512] = colour_step(pool.x[i:i + 512])
+
+
+def colour_anchors(pool: Pool, n: int = 2048) -> dict:
+    """The training cells' background and dark point (the bundle's `anchor` section)."""
+    from ..edge.anchor import fit_reference
+
+    return fit_reference(pool.x[::max(1, len(pool.x) // n)])
 
 
 def train(cfg: TrainConfig, hooks=None) -> Bundle:
@@ -365,21 +373,24 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
     t0 = time.perf_counter()
     pool = load_pool(cfg.data, cfg, size)
     val_pool = load_pool(cfg.val_data, cfg, size, pool.classes, pool.scale) if cfg.val_data else None
-    reference = stain_reference(pool)
-    if cfg.stain_normalise:
+    anchors = colour_anchors(pool) if cfg.colour_anchor else None
+    reference = stain_reference(pool, anchors)
+    colour_step = None
+    if cfg.stain_normalise or anchors:
         # training batches: augment the raw cells (another lab's stain, scanner), *then* the
-        # preprocessor's stain step, as the runtime does; validation cells are normalised once up front
+        # preprocessor's colour step (anchoring, stain normalisation), as the runtime does; validation
+        # cells get it once up front
         from ..edge.preprocess import Preprocessor
 
-        stain_step = Preprocessor(size, stain=reference).stain
-        hooks = list(hooks) + [lambda b, rng: stain_step(b)]
+        colour_step = Preprocessor(size, stain=reference if cfg.stain_normalise else None, anchor=anchors).stain
+        hooks = list(hooks) + [lambda b, rng: colour_step(b)]
         normed = val_pool or Pool(pool.classes, pool.x.copy(), pool.y, pool.paths, pool.groups, [])
-        normalise_pool(normed, reference)  # training batches stay raw until their hooks have run
+        normalise_pool(normed, colour_step)  # training batches stay raw until their hooks have run
     members, history, pp = [], [], None
     for arch in archs:
         for k, (tr, va) in enumerate(splits_for(pool, cfg)):
             name = f"m{len(members)}"
-            val = val_pool.take(slice(None)) if val_pool else (normed if cfg.stain_normalise else pool).take(va)
+            val = val_pool.take(slice(None)) if val_pool else (normed if colour_step else pool).take(va)
             model, hist, mean, std = train_member(cfg, arch, name, len(pool.classes), pool.take(tr), val, out, hooks)
             if pp is not None and (pp.mean, pp.std) != (mean, std):
                 raise ValueError(f"member {arch} normalises differently from {archs[0]}; one bundle needs one")
@@ -403,7 +414,8 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
                     {"tta": {"views": list(cfg.tta_views)}, "training": summary,
                      "stain": stain_record(reference, cfg.stain_normalise),
                      "class_priors": dict(zip(pool.classes, map(float, priors))),
-                     "quality": bundle_quality(), "scale": pool.scale})
+                     "quality": bundle_quality(), "scale": pool.scale,
+                     **({"anchor": anchors} if anchors else {})})
     bundle.save()
     held_out = cfg.val_data or (out / "val_split.csv" if cfg.folds == 1 and (out / "val_split.csv").exists() else None)
     if held_out:  # k-fold members saw each other's validation cells: no unbiased set to calibrate on there
