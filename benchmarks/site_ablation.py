@@ -22,9 +22,11 @@ from wbc_edge.trainer.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHULA = ROOT.parent / "shared" / "data" / "chula-rpi" / "cells"
-VARIANTS = {  # name -> (what it is, config overrides)
-    "site": ("site-robust recipe: scale + stain + optics", {"site_augment": 0.8}),
-    "old": ("previous recipe (no site chain)", {"site_augment": 0.0}),
+VARIANTS = {  # name -> (what it is, config overrides); colour anchoring is on unless said
+    "old": ("previous recipe: no site chain, no colour anchoring", {"site_augment": 0.0, "colour_anchor": False}),
+    "anchor": ("previous recipe + colour anchoring", {"site_augment": 0.0}),
+    "site": ("site-robust recipe: anchoring + scale + stain + optics", {"site_augment": 0.8}),
+    "site-noanchor": ("site chain without colour anchoring", {"colour_anchor": False}),
     "nostain": ("site recipe without the dye-space stain part", {"site_parts": ["scale", "optics"]}),
     "nooptics": ("site recipe without the camera optics part", {"site_parts": ["scale", "stain"]}),
     "noscale": ("site recipe without magnification jitter", {"site_parts": ["stain", "optics"]}),
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--max-per-class", type=int, default=400)
-    ap.add_argument("--variants", default="site,old,nostain,nooptics,noscale,gn")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     ap.add_argument("--quick", action="store_true", help="1 epoch, 8 cells per class, 2 variants")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if a.quick:
-        a.epochs, a.max_per_class, variants = 1, 8, variants[:2]
+        a.epochs, a.max_per_class = 1, 8
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "runs" if a.quick else a.work
