@@ -74,7 +74,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for k, (col, label) in enumerate((("chula_5part-strict", "Chula 5-part (strict), unseen"),
                                       ("pbc_9class", "PBC 9-class, home"))):
         ax.bar([i + 0.4 * k - 0.2 for i in x], [r.get(col, 0) or 0 for r in rows], 0.4, label=label)
-    ax.set_xticks(list(x), names)
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
     ax.set_ylabel("macro-F1")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
