@@ -46,7 +46,7 @@ class TrainConfig:
     stain_augment: float = 0.3  # probability per image of another lab's stain (stain_shift, severity 1-3)
     degrade_p: float = 0.2  # probability per image of a scanner degradation (noise, blur, light, JPEG...)
     degrade_max_severity: int = 3
-    site_augment: float = 0.8  # probability per image of the site-robust chain (trainer/site_augment.py)
+    site_augment: float = 0.4  # probability per image of the site-robust chain (trainer/site_augment.py)
     site_parts: list[str] = field(default_factory=lambda: ["scale", "stain", "optics"])
     colour_anchor: bool = True  # map each cell's background and dark point to the training cells' (edge/anchor.py)
     stain_normalise: bool = False  # train (and run) on Macenko-normalised cells, reference = training set
