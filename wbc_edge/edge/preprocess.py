@@ -143,8 +143,13 @@ class Preprocessor:
             return resize_batch([image], self.size, self.interpolation)[0]
         h, w = image.shape[:2]
         cx, cy = centre if centre is not None else (w / 2, h / 2)
-        win = cut_window(image, cx, cy, self.window_side(scale), background_colour(image) if fill is None else fill)
-        return resize_batch([win], self.size, self.interpolation)[0]
+        side = self.window_side(scale)
+        n = max(1, int(round(side)))
+        x0, y0 = int(round(cx - n / 2)), int(round(cy - n / 2))  # as cut_window places it
+        inside = x0 >= 0 and y0 >= 0 and x0 + n <= w and y0 + n <= h
+        if fill is None:  # the background is measured only when the window needs padding (per-cell hot path)
+            fill = (0, 0, 0) if inside else background_colour(image)
+        return resize_batch([cut_window(image, cx, cy, side, fill)], self.size, self.interpolation)[0]
 
     def stain(self, batch: np.ndarray) -> np.ndarray:
         """The colour step on canonical cells: anchored to the training cells' background and dark
