@@ -32,6 +32,8 @@ from benchmarks._common import RESULTS, markdown_table, write_results
 from wbc_edge import metrics
 from wbc_edge.bundle import read_manifest
 from wbc_edge.data.datasets import open_dataset, write_manifest
+from wbc_edge.edge.localise import match_pairs
+from wbc_edge.evaluate import over_parts
 from wbc_edge.taxonomy import OTHER, load_label_map
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +90,9 @@ def _mapped(y_true: list[str], y_pred: list[str], map_name: str) -> dict | None:
     pairs = [(t, p) for t, p in pairs if t]
     if not pairs:
         return None
-    rep = metrics.classification_report([t for t, _ in pairs], [p for _, p in pairs], lmap.parts + [OTHER])
-    return {"n": rep["n"], "macro_f1": float(np.mean([rep["per_class"][c]["f1"] for c in lmap.parts])),
-            "accuracy": rep["accuracy"], "confusion_classes": rep["classes"],
-            "confusion_matrix": rep["confusion_matrix"]}
+    rep = over_parts(metrics.classification_report([t for t, _ in pairs], [p for _, p in pairs],
+                                                   lmap.parts + [OTHER]), lmap.parts)
+    return {k: rep[k] for k in ("n", "macro_f1", "accuracy", "confusion_classes", "confusion_matrix")}
 
 
 # --- the sets -----------------------------------------------------------------------------------------
@@ -122,24 +123,8 @@ def _truth_boxes(frames_csv: Path) -> dict[str, list[tuple[str, list[float]]]]:
     return truth
 
 
-def _pairs(pred_boxes, truth_boxes, threshold: float) -> list[tuple[int, int]]:
-    """(pred index, truth index) of the greedy one-to-one matching that localise.match counts."""
-    from wbc_edge.edge.localise import iou
-
-    ranked = sorted(((iou(p, t), i, j) for i, p in enumerate(pred_boxes) for j, t in enumerate(truth_boxes)),
-                    reverse=True)
-    used_p, used_t, pairs = set(), set(), []
-    for v, i, j in ranked:
-        if v >= threshold and i not in used_p and j not in used_t:
-            used_p.add(i)
-            used_t.add(j)
-            pairs.append((i, j))
-    return pairs
-
-
 def score_frames(bundle: Path, frames: Path, frames_csv: Path, work: Path) -> dict:
     """The stream pipeline on whole frames -> localiser counts, matched cells' 5-part scores, alerts."""
-    from wbc_edge.edge.localise import match
     from wbc_edge.edge.pipeline import run_stream
 
     summary = run_stream(str(frames), bundle, work, mode="frames", report=False)
@@ -154,9 +139,10 @@ def score_frames(bundle: Path, frames: Path, frames_csv: Path, work: Path) -> di
     y_true, y_pred, ious = [], [], []
     for name in done:
         pred_boxes, gt = [c["box"] for c in by_frame[name]], truth.get(name, [])
-        t, f, n, iou_list = match(pred_boxes, [b for _, b in gt], IOU)
-        tp, fp, fn, ious = tp + t, fp + f, fn + n, ious + iou_list
-        for i, j in _pairs(pred_boxes, [b for _, b in gt], IOU):
+        pairs = match_pairs(pred_boxes, [b for _, b in gt], IOU)
+        tp, fp, fn = tp + len(pairs), fp + len(pred_boxes) - len(pairs), fn + len(gt) - len(pairs)
+        ious += [v for _, _, v in pairs]
+        for i, j, _ in pairs:
             y_true.append(gt[j][0])
             y_pred.append(by_frame[name][i]["pred"])
     rare = sum("rare" in c.get("flags", []) for c in cells)

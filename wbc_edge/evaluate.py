@@ -179,10 +179,10 @@ def _mapped_report(rows, lmap: LabelMap, out: Path, classes: list[str]) -> dict 
     y_idx = np.asarray([columns.index(r["label_mapped"]) for r in scored])
     report["ece"] = metrics.expected_calibration_error(probs, y_idx)
     metrics.plot_reliability(probs, y_idx, out / f"reliability_{lmap.name}.png")
-    return {"map": lmap.name, "table": lmap.table, **_over_parts(report, lmap.parts)}
+    return {"map": lmap.name, "table": lmap.table, **over_parts(report, lmap.parts)}
 
 
-def _over_parts(report: dict, parts: list[str]) -> dict:
+def over_parts(report: dict, parts: list[str]) -> dict:
     """`report` (over parts + OTHER) averaged over the parts only: OTHER is a column for predictions no
     part fits, a miss for the cell's true part, not a class (no cell's truth is OTHER)."""
     per_class = {p: report["per_class"][p] for p in parts}

@@ -321,16 +321,22 @@ def iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def match(pred, truth, threshold: float = 0.5) -> tuple[int, int, int, list[float]]:
-    """One-to-one matching, highest IoU pairs first: (tp, fp, fn, IoUs of the matched pairs).
+def match_pairs(pred, truth, threshold: float = 0.5) -> list[tuple[int, int, float]]:
+    """One-to-one matching, highest IoU pairs first: (pred index, truth index, IoU) of each pair.
 
     Greedy is exact enough here: frames hold one to three WBCs that rarely overlap."""
     pred = [p.as_list() if isinstance(p, Box) else p for p in pred]
-    pairs = sorted(((iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
-    used_p, used_t, ious = set(), set(), []
-    for v, i, j in pairs:
+    ranked = sorted(((iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
+    used_p, used_t, pairs = set(), set(), []
+    for v, i, j in ranked:
         if v >= threshold and i not in used_p and j not in used_t:
             used_p.add(i)
             used_t.add(j)
-            ious.append(v)
+            pairs.append((i, j, v))
+    return pairs
+
+
+def match(pred, truth, threshold: float = 0.5) -> tuple[int, int, int, list[float]]:
+    """(tp, fp, fn, IoUs of the matched pairs) of `match_pairs`."""
+    ious = [v for _, _, v in match_pairs(pred, truth, threshold)]
     return len(ious), len(pred) - len(ious), len(truth) - len(ious), ious

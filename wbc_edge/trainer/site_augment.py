@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from ..data import degrade
+from ..edge.preprocess import background_colour
 
 PARTS = ("scale", "stain", "optics")  # scale first: its padding then gets the same stain and optics
 DYE_AMOUNT = 0.7  # log-scale of each dye's amount: e^0.7 = 2x darker or paler
@@ -29,13 +30,6 @@ BLUR_SIGMA = 2.0  # px at the model's input size
 HAZE = 0.6  # contrast kept: 1 - U(0, HAZE)
 NOISE_SIGMA = 6.0  # grey levels
 SCALE_JITTER = 0.15  # log zoom
-
-
-def _background(im: np.ndarray) -> np.ndarray:
-    """The smear's background colour: the brightest tenth of the pixels (plasma between cells)."""
-    px = im.reshape(-1, 3)
-    bright = px.astype(np.int32).sum(1)
-    return np.median(px[bright >= np.percentile(bright, 90)], axis=0)
 
 
 def stain(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -50,7 +44,7 @@ def optics(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if sigma > 0.3:
         x = cv2.GaussianBlur(x, (0, 0), sigma)
     keep = 1.0 - rng.uniform(0, HAZE)
-    x = keep * x + (1 - keep) * _background(im).astype(np.float32)
+    x = keep * x + (1 - keep) * np.asarray(background_colour(im), np.float32)
     x = degrade.illumination(np.clip(x, 0, 255).astype(np.uint8)[None], rng.uniform(0, 0.4), rng)[0].astype(np.float32)
     x += rng.normal(0, rng.uniform(0, NOISE_SIGMA), x.shape).astype(np.float32)
     out = np.clip(x, 0, 255).astype(np.uint8)
@@ -62,7 +56,7 @@ def scale(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     z = float(np.exp(rng.uniform(-SCALE_JITTER, SCALE_JITTER)))
     h, w = im.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2, h / 2), 0.0, z)
-    bg = tuple(float(v) for v in _background(im))
+    bg = tuple(float(v) for v in background_colour(im))
     return cv2.warpAffine(im, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=bg)
 
 
