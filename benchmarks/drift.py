@@ -4,7 +4,8 @@
     python -m benchmarks.drift [--bundle data/sample/bundle] [--quick]   # score every set, write the results
 
 `--fit` stores the `drift` section in the bundle (wbc_edge.edge.drift.fit_drift) from its training cells:
-the trainer's train_split.csv beside the bundle when there is one, else the split the trainer made,
+the trainer's drift_cells.csv beside the bundle when there is one (what the trainer fits on itself), else
+its train_split.csv, else the split the trainer made,
 rebuilt from the bundle's training config (its data, `exclude_from`, `val_fraction`, `seed`), plus the
 training data's cells of other labels (ERB, PLATELET: objects the model meets at its home site too).
 
@@ -54,6 +55,8 @@ def training_cells(bundle_dir: Path, work: Path, other_labels: bool = True) -> t
     split = bundle_dir / "train_split.csv"
     if split.is_file() and not other_labels:
         return split, str(split)
+    if (bundle_dir / "drift_cells.csv").is_file():  # the trainer's own: its split + other labels
+        return bundle_dir / "drift_cells.csv", f"{bundle_dir / 'drift_cells.csv'} (the training split + other labels)"
     cfg = Bundle.load(bundle_dir).extra["training"]["config"]
     data = ROOT / cfg["data"] if not Path(cfg["data"]).is_absolute() else Path(cfg["data"])
     held_out = ROOT / cfg["exclude_from"] if cfg.get("exclude_from") else None

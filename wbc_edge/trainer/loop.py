@@ -51,7 +51,7 @@ def select_dataset(source, cfg: TrainConfig, classes=None, exclude: bool = True)
     classes = classes or cfg.classes or [c for c in ds.classes if c in WBC_CODES]
     ds = ds.filter_classes(classes)
     if exclude and cfg.exclude_from:
-        ds = ds.exclude_names({p.name for p in Path(cfg.exclude_from).rglob("*") if p.is_file()})
+        ds = ds.exclude_names(held_out_names(cfg))
     if cfg.max_per_class:
         rng = np.random.default_rng(cfg.seed)
         labels = np.asarray(ds.labels)
@@ -60,6 +60,11 @@ def select_dataset(source, cfg: TrainConfig, classes=None, exclude: bool = True)
     if not len(ds):
         raise ValueError(f"{source}: no images of classes {classes}")
     return ds
+
+
+def held_out_names(cfg: TrainConfig) -> set[str]:
+    """File names under `exclude_from`: cells kept unseen (e.g. the repo's sample cells)."""
+    return {p.name for p in Path(cfg.exclude_from).rglob("*") if p.is_file()} if cfg.exclude_from else set()
 
 
 def write_split_manifests(out: Path, pool: Pool, train_idx, val_idx) -> None:
@@ -427,8 +432,22 @@ def train(cfg: TrainConfig, hooks=None) -> Bundle:
     if (out / "train_split.csv").exists():  # what the drift monitor compares every new slide with
         from ..edge.drift import fit_drift
 
-        fit_drift(bundle, out / "train_split.csv")
+        fit_drift(bundle, drift_cells(out, cfg, pool.classes))
     return bundle
+
+
+def drift_cells(out: Path, cfg: TrainConfig, classes) -> Path:
+    """The cells the drift monitor's statistics describe: the training split plus the training data's
+    objects of other labels (ERB, PLATELET: the model meets them at its home site too, so a slide
+    full of them is not a new site) -> manifest path."""
+    from ..data.datasets import write_manifest
+
+    def row(sample):
+        return os.path.relpath(Path(sample.path).resolve(), out.resolve()), sample.label
+
+    full = open_dataset(cfg.data).exclude_names(held_out_names(cfg))
+    rows = [row(s) for s in open_dataset(out / "train_split.csv").samples]
+    return write_manifest(out / "drift_cells.csv", rows + [row(s) for s in full.samples if s.label not in classes])
 
 
 def history_last_stage(history: list[dict], member: str) -> str:
