@@ -276,6 +276,26 @@ def adapt(bundle, cells, out, labels, batch_size, pixel_size, scale_per):
 
 
 @main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="the ensemble bundle (a new or empty directory)")
+@click.option("--weights", help="comma-separated ensemble weight per BUNDLE (default: equal)")
+@click.option("--val", type=click.Path(exists=True), help="labelled held-out cells to fit the temperature on")
+@click.option("--drift-cells", type=click.Path(exists=True),
+              help="the members' training cells, for the drift monitor's statistics")
+def combine(bundles, out, weights, val, drift_cells):
+    """Join the members of several trained BUNDLES (same classes, preprocessing, scale and colour
+    anchors) into one ensemble bundle; its temperature and drift statistics are fitted again."""
+    from .fit.combine import combine as run_combine
+
+    w = [float(x) for x in weights.split(",")] if weights else None
+    b = run_combine(bundles, out, w, val, drift_cells)
+    click.echo(f"ensemble bundle: {out} ({len(b.members)} members: "
+               f"{', '.join(f'{m.name} {m.arch} x{m.weight:g}' for m in b.members)}); temperature "
+               f"{b.extra.get('confidence', {}).get('temperature', 1.0)}")
+
+
+@main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--kind", required=True, type=click.Choice(list(KINDS)), help="degradation kind")
