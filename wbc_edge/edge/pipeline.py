@@ -9,8 +9,10 @@
 
 Bounded queues give back-pressure: a slow classifier slows the reader instead of filling RAM. Every
 stage is timed; per-frame latency (read start -> all sinks written) goes into a fixed-size histogram.
-On the first Ctrl-C the source stops and every frame already read is still classified and written;
-a second Ctrl-C drops unclassified work, but what was classified is still written and flushed.
+On the first Ctrl-C (or SIGTERM, what systemd and Docker send) the source stops and every frame already
+read is still classified and written; a second drops unclassified work, but what was classified is still
+written and flushed. A sink that cannot write (full disk) ends the run as `failed`: the other sinks and
+summary.json still get what was done, as far as the disk lets them.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ from .sinks import (
     ReviewQueue,
     Sink,
     atomic_write_text,
+    write_failed,
 )
+from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, claim, exit_code_for, signal_of
 from .sources import Frame, Source, open_source
 from .stats import LogHistogram, RssTrace, StageTimes, rss_mb
 
@@ -51,7 +55,12 @@ log = logging.getLogger("wbc_edge.pipeline")
 
 _END = object()  # end-of-stream marker passed down the queues
 _EMPTY = object()  # a queue get that timed out
-EXIT_CODES = {"completed": 0, "failed": 1, "source_lost": 3, "interrupted": 130}  # 130: 128 + SIGINT
+# interrupted: 128 + the signal (130 SIGINT, 143 SIGTERM), see StreamSummary.signal
+EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_ERROR, "source_lost": EXIT_SOURCE_LOST,
+              "interrupted": exit_code_for(signal.SIGINT)}
+# what a run writes in its --out: an earlier run's are removed first (fresh review/, no stale summary)
+STREAM_OUTPUTS = ("cells.jsonl", "cells.csv", "frames.jsonl", "differential.json", "review", "annotated",
+                  "annotated.avi", "report.html", "summary.json", "differential.json.tmp", "summary.json.tmp")
 
 
 @dataclass
@@ -84,6 +93,7 @@ class StreamSummary:
     review: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     error: str | None = None
+    signal: str | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,7 +216,7 @@ class Pipeline:
         self.scales: dict[str, dict] = {}
         self.error_examples: list[dict] = []
         self.fatal: BaseException | None = None
-        self.interrupted, self.n_interrupts = False, 0
+        self.interrupted, self.n_interrupts, self.signum = False, 0, None
         self.wall_s = 0.0
 
     # ---- queue helpers: never block forever, so a hard stop always gets through -----------------
@@ -232,7 +242,8 @@ class Pipeline:
         return None
 
     def _fail(self, exc: BaseException) -> None:
-        log.error("stream stage failed: %s", exc, exc_info=exc)
+        # one line; the traceback only with -v (a full disk is not a bug to debug)
+        log.error("stream stage failed: %s", reason(exc), exc_info=exc if log.isEnabledFor(logging.INFO) else None)
         if self.fatal is None:
             self.fatal = exc
         self.source.stop()
@@ -386,7 +397,10 @@ class Pipeline:
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
         finally:
-            self._flush()
+            try:
+                self._flush()
+            except BaseException as exc:  # noqa: BLE001 - e.g. the disk filled up: the run failed
+                self._fail(exc)
 
     def _drain_results(self) -> None:
         while True:
@@ -405,7 +419,10 @@ class Pipeline:
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
                 res.latency_s = time.perf_counter() - loc.frame.t_start
-            sink.write(res)
+            try:
+                sink.write(res)
+            except OSError as exc:
+                raise write_failed(sink.where, exc) from exc
         self.times.add("sinks", time.perf_counter() - t0)
         if loc.scale is not None:
             self.scales["" if self.crops_mode else slide_of(loc.frame)] = loc.scale.as_row()
@@ -443,7 +460,10 @@ class Pipeline:
 
     def _flush(self) -> None:
         for sink in self.sinks:
-            sink.flush()
+            try:
+                sink.flush()
+            except OSError as exc:
+                raise write_failed(sink.where, exc) from exc
         if self.on_progress is not None:
             self.on_progress({"frames": self.frames, "cells": self.cells, "errors": self.n_errors,
                               "fps": round(self.frames / max(1e-9, time.perf_counter() - self._t0), 2)})
@@ -458,7 +478,7 @@ class Pipeline:
         writer = threading.Thread(target=self._write_loop, name="wbc-write", daemon=True)
         for t in threads + [writer]:
             t.start()
-        with _sigint_calls(self.interrupt):
+        with _signals_call(self.interrupt):
             while writer.is_alive():
                 try:
                     writer.join(0.2)
@@ -466,10 +486,13 @@ class Pipeline:
                     self.interrupt()
         self.wall_s = time.perf_counter() - self._t0
 
-    def interrupt(self, *_signal) -> None:
-        """Ctrl-C: the first stops the source (frames already read are still classified and written);
-        the second drops unclassified work (what was classified is still written); the third gives up."""
+    def interrupt(self, signum: int = signal.SIGINT, _frame=None) -> None:
+        """Ctrl-C or SIGTERM: the first stops the source (frames already read are still classified and
+        written); the second drops unclassified work (what was classified is still written); the third
+        gives up."""
         self.n_interrupts += 1
+        if self.signum is None:
+            self.signum = int(signum)
         if self.n_interrupts == 1:
             log.warning("interrupted: finishing the frames already read (Ctrl-C again to stop now)")
             self.interrupted = self.stopping = True
@@ -499,10 +522,18 @@ def _resolve_views(views, bundle: Bundle) -> list[str]:
     return list(views) if views is not None else list(bundle.extra.get("tta", {}).get("views", ["id"]))
 
 
-def _status(pipe: Pipeline | None, source: Source, interrupted: bool) -> tuple[str, str | None]:
+def reason(exc: BaseException) -> str:
+    """One line for a failure: 'FILE: what went wrong' for an OSError naming a file (a full disk)."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _status(pipe: Pipeline | None, source: Source, signum: int | None) -> tuple[str, str | None]:
+    """(status, error); `signum`: the signal that ended the run outside the pipeline's own handler."""
     if pipe is not None and pipe.fatal is not None:
-        return "failed", f"{type(pipe.fatal).__name__}: {pipe.fatal}"
-    if interrupted or (pipe is not None and pipe.interrupted):
+        return "failed", reason(pipe.fatal)
+    if signum is not None or (pipe is not None and pipe.interrupted):
         return "interrupted", None
     if source.lost:
         return "source_lost", "the source disconnected and did not come back"
@@ -511,10 +542,14 @@ def _status(pipe: Pipeline | None, source: Source, interrupted: bool) -> tuple[s
     return "completed", None
 
 
-def _summarise(pipe: Pipeline | None, status: str, error: str | None, **info) -> StreamSummary:
+def _summarise(pipe: Pipeline | None, status: str, error: str | None, signum: int | None = None,
+               **info) -> StreamSummary:
     diff = info.pop("diff")
     s = StreamSummary(status=status, exit_code=EXIT_CODES[status], error=error, differential=diff.as_dict(),
                       **info)
+    if status == "interrupted":
+        signum = (pipe.signum if pipe is not None else None) or signum or signal.SIGINT
+        s.exit_code, s.signal = exit_code_for(signum), signal.Signals(signum).name
     if pipe is None:
         return s
     wall = max(pipe.wall_s, 1e-9)
@@ -549,8 +584,22 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     directory to watch (mode='watch') or single-cell crops (mode='crops'). Writes cells.jsonl,
     cells.csv, frames.jsonl, differential.json, review/, report.html (and annotated frames) and
     summary.json; returns the summary. `exit_code` is non-zero when the source was lost (3), the
-    run failed (1) or was interrupted (130).
+    run failed (1) or was interrupted (130 SIGINT, 143 SIGTERM). `out_dir` is claimed first (created,
+    checked writable, locked against a second run, an earlier run's outputs removed: `outdir.claim`).
     """
+    with claim(out_dir, STREAM_OUTPUTS):
+        return _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
+                           annotate, report, loop, max_frames, workers=workers, top_k=top_k,
+                           low_confidence=low_confidence, rare_min_prob=rare_min_prob, review_max=review_max,
+                           pixel_size=pixel_size, scale_per=scale_per, localiser_config=localiser_config,
+                           retries=retries, backoff_s=backoff_s, watch_idle_s=watch_idle_s, threads=threads,
+                           refine=refine, on_progress=on_progress)
+
+
+def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms, annotate,
+                report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
+                pixel_size, scale_per, localiser_config, retries, backoff_s, watch_idle_s, threads, refine,
+                on_progress) -> StreamSummary:
     rss_start, t_load = rss_mb(), time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     src = open_source(source, mode, loop=loop, max_frames=max_frames, retries=retries, backoff_s=backoff_s,
@@ -558,71 +607,93 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     views = _resolve_views(views, bundle)
     clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
                              threads=threads)
-    with clf:  # setup errors (no runner, no localiser) raise before any output is created
+    with clf:  # setup errors (no runner, no localiser) raise before any output is created (`claim` then
+        # removes the --out folder again if it made it)
         from .refine.refiner import Refiner
 
         labeller = CellLabeller(bundle.classes, top_k, low_confidence, rare_min_prob,
                                 Refiner.for_bundle(bundle, refine, device))
         localiser = None if src.kind == "crops" else _load_localiser()
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
-        pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms, workers,
-                        keep_images=annotate, on_progress=on_progress, localiser=localiser,
-                        monitor=DriftMonitor.for_bundle(bundle))
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
                 "load_s": round(time.perf_counter() - t_load, 3)}
-        interrupted = False
-        try:
+        sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
+        pipe, signum = None, None
+        try:  # from here on every end (Ctrl-C, SIGTERM, a failure) closes the sinks and writes summary.json
+            pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms, workers,
+                            keep_images=annotate, on_progress=on_progress, localiser=localiser,
+                            monitor=DriftMonitor.for_bundle(bundle))
             pipe.run()
-        except KeyboardInterrupt:  # a third Ctrl-C, or one that came just before/after the run
-            interrupted = True
+        except KeyboardInterrupt as exc:  # a third Ctrl-C, or one that came just before/after the run
+            signum = signal_of(exc)
         finally:
-            summary = _finish(pipe, src, interrupted, sinks, out, rss_start, **info)
+            summary = _finish(pipe, src, signum, sinks, out, rss_start, **info)
             if labeller.refiner is not None:
                 labeller.refiner.close()
     return summary
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; systemd/Docker stop: both end a run gracefully
+
+
 @contextlib.contextmanager
-def _sigint_calls(handler):
-    """Route SIGINT to `handler` while the block runs. A handler cannot be raised into the middle of
-    the main thread's bookkeeping the way KeyboardInterrupt can. Only the main thread may do this."""
+def _signals_call(handler):
+    """Route SIGINT and SIGTERM to `handler` while the block runs. A handler cannot be raised into the
+    middle of the main thread's bookkeeping the way KeyboardInterrupt can. Only the main thread may do this."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
-def _sigint_deferred():
-    """While sinks close, a further Ctrl-C is noted in the log, not raised: half-closed files lose results."""
-    return _sigint_calls(lambda *a: log.warning("Ctrl-C while closing outputs: finishing them first"))
+def _signals_deferred():
+    """While sinks close, a further Ctrl-C/SIGTERM is noted in the log, not raised: half-closed files
+    lose results."""
+    return _signals_call(lambda *a: log.warning("interrupted while closing outputs: finishing them first"))
 
 
-def _finish(pipe, src, interrupted, sinks, out: Path, rss_start: float, **info) -> StreamSummary:
-    """Summary, then close every sink (each gets the summary; one failing does not stop the others)."""
-    status, error = _status(pipe, src, interrupted)
+def _close_sinks(sinks: list[Sink], summary: dict) -> None:
+    """Each sink gets the summary; one failing (full disk) is logged in one line and does not stop the others."""
+    for sink in sinks:
+        try:
+            sink.close(summary)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("closing %s failed: %s", sink.where or type(sink).__name__,
+                        exc.strerror if isinstance(exc, OSError) and exc.strerror else exc,
+                        exc_info=exc if log.isEnabledFor(logging.INFO) else None)
+
+
+def _write_summary(out: Path, summary: StreamSummary) -> None:
+    try:
+        atomic_write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    except OSError as exc:  # the run's result is still printed and in the exit code
+        log.error("%s: summary not written: %s", out / "summary.json", exc.strerror or exc)
+        if summary.status != "failed":
+            summary.status, summary.exit_code = "failed", EXIT_ERROR
+            summary.error = reason(write_failed(out / "summary.json", exc))
+
+
+def _finish(pipe, src, signum, sinks, out: Path, rss_start: float, **info) -> StreamSummary:
+    """Summary, then close every sink, then summary.json."""
+    status, error = _status(pipe, src, signum)
     diff = next(s for s in sinks if isinstance(s, DifferentialCount))
     if pipe is not None:  # the final state of the site monitor, in differential.json and the summary
         diff.set_reliability(pipe.monitor.report())
     review = next(s for s in sinks if isinstance(s, ReviewQueue))
-    summary = _summarise(pipe, status, error, diff=diff, **info)
+    summary = _summarise(pipe, status, error, signum, diff=diff, **info)
     summary.review = {"saved": review.saved, "dropped": review.dropped}
     names = ("cells.jsonl", "cells.csv", "frames.jsonl", "differential.json", "review", "summary.json")
     summary.outputs = {n: str(out / n) for n in names}
     summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
-    with _sigint_deferred():
-        for sink in sinks:
-            try:
-                sink.close(summary.to_dict())
-            except Exception:
-                log.exception("closing %s failed", type(sink).__name__)
-    summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
-    atomic_write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    with _signals_deferred():
+        _close_sinks(sinks, summary.to_dict())
+        summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
+        _write_summary(out, summary)
     return summary

@@ -1,12 +1,14 @@
 """Stream sinks: where classified cells go. Each sink gets every `FrameResult` in stream order.
 
 Sinks write as they go and are flushed by the pipeline about once a second and on Ctrl-C, so a run
-that is stopped keeps everything already classified. None of them keeps a per-frame history in RAM:
+that is stopped keeps everything already classified. A write that fails (full disk, folder gone) raises
+an OSError naming the sink's file (`write_failed`), which ends the run as `failed`. None of them keeps a per-frame history in RAM:
 counts are counters, galleries are fixed-size reservoirs, everything else goes straight to disk.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -34,7 +36,10 @@ class FrameResult:
 
 
 class Sink:
-    """write() every result in order; flush() makes what was written durable; close() ends the run."""
+    """write() every result in order; flush() makes what was written durable; close() ends the run.
+    `where` is the file or folder it writes, for error messages."""
+
+    where: Path | None = None
 
     def write(self, res: FrameResult) -> None:
         raise NotImplementedError
@@ -47,10 +52,26 @@ class Sink:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + rename, so a reader (or a crash) never sees half a file."""
+    """Write via a temporary file + rename, so a reader (or a crash) never sees half a file; a write
+    that fails (full disk) removes its temporary file and leaves the previous version in place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_failed(where, exc: OSError) -> OSError:
+    """`exc` (which names no file when a buffered write hits a full disk) as an OSError naming `where`."""
+    return OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(where))
+
+
+def imwrite(path: Path, bgr: np.ndarray) -> None:
+    """cv2.imwrite, raising when it fails (it only returns False, e.g. on a full disk)."""
+    if not cv2.imwrite(str(path), bgr):
+        raise OSError(errno.EIO, "could not write the image", str(path))
 
 
 def _json_row(row: dict) -> str:
@@ -61,7 +82,7 @@ class _LineFile(Sink):
     """A text file opened once and written line by line."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = self.where = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "w", newline="")  # noqa: SIM115 - open for the whole run, closed in close()
 
@@ -120,6 +141,7 @@ class DifferentialCount(Sink):
 
     def __init__(self, path: Path, classes: list[str], max_examples: int = 10):
         self.path, self.classes, self.max_examples = Path(path), list(classes), max_examples
+        self.where = self.path
         self.counts: Counter = Counter()
         self.flags: Counter = Counter()
         self.alerts: dict[str, dict] = {}
@@ -179,6 +201,7 @@ class ReviewQueue(Sink):
 
     def __init__(self, directory: Path, max_items: int = 2000):
         self.dir, self.max_items = Path(directory), max_items
+        self.where = self.dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.dir / "review.jsonl", "w")  # noqa: SIM115 - closed in close()
         self.saved = self.dropped = 0
@@ -191,7 +214,7 @@ class ReviewQueue(Sink):
                 self.dropped += 1
                 continue
             name = f"{r['frame']:07d}-{r['cell']:02d}-{r['pred']}.png"
-            cv2.imwrite(str(self.dir / name), _bgr(crop))
+            imwrite(self.dir / name, _bgr(crop))
             self.log.write(_json_row({**r, "image": name}) + "\n")
             self.saved += 1
 
@@ -235,6 +258,7 @@ class AnnotatedFrames(Sink):
 
     def __init__(self, out_dir: Path, video: bool, fps: float | None = None):
         self.out_dir, self.video, self.fps = Path(out_dir), video, fps or 10.0
+        self.where = self.out_dir / ("annotated.avi" if video else "annotated")
         self.writer, self.size = None, None
         if not video:
             (self.out_dir / "annotated").mkdir(parents=True, exist_ok=True)
@@ -246,7 +270,7 @@ class AnnotatedFrames(Sink):
         drawn = draw_cells(img, res.cells)
         if not self.video:
             stem = Path(res.frame.source).stem
-            cv2.imwrite(str(self.out_dir / "annotated" / f"{res.frame.index:07d}-{stem}.jpg"), drawn)
+            imwrite(self.out_dir / "annotated" / f"{res.frame.index:07d}-{stem}.jpg", drawn)
             return
         if self.writer is None:
             self.size = (drawn.shape[1], drawn.shape[0])
@@ -276,6 +300,7 @@ class HtmlReport(Sink):
     def __init__(self, path: Path, classes: list[str], per_class: int = 6, n_rare: int = 36,
                  n_uncertain: int = 18):
         self.path, self.classes = Path(path), list(classes)
+        self.where = self.path
         self.gallery = {c: Reservoir(per_class, seed=i) for i, c in enumerate(self.classes)}
         self.rare, self.uncertain = Reservoir(n_rare, seed=101), Reservoir(n_uncertain, seed=102)
 
