@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -17,27 +18,70 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _known_errors() -> tuple:
+    """Failures that are the input's or the machine's, not a bug: bad input, unusable bundle or engine,
+    missing extra, an output that cannot be written (OSError: full disk, read-only, locked --out)."""
+    from ._optional import MissingExtraError
+    from .edge.runners import RunnerError
+
+    known = [MissingExtraError, RunnerError, ValueError, OSError, NotImplementedError]
+    trt = sys.modules.get("wbc_edge.build.tensorrt")  # loaded whenever an EngineError can have been raised
+    return tuple(known + ([trt.EngineError] if trt else []))
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class _Group(click.Group):
-    """Known failures (bad input, missing extra, unusable bundle) end as one clear line, not a traceback."""
+    """Exit codes (README "Failure modes"): known failures end as one clear line, not a traceback (1);
+    usage errors are click's (2); Ctrl-C and SIGTERM at any point, start-up included, end with 128 + the
+    signal (130, 143): SIGTERM is raised like Ctrl-C so the same cleanup runs."""
 
     def invoke(self, ctx):
-        from ._optional import MissingExtraError
-        from .edge.runners import RunnerError
+        from .outdir import exit_code_for, signal_of, sigterm_as_interrupt
 
         try:
-            return super().invoke(ctx)
-        except (MissingExtraError, RunnerError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # click's own handler would print "Aborted!" and exit 1
+            signum = signal_of(exc)
+            click.echo(f"interrupted ({signal.Signals(signum).name})", err=True)
+            sys.exit(exit_code_for(signum))
+        except Exception as exc:
+            if not isinstance(exc, _known_errors()) or isinstance(exc, click.ClickException):
+                raise
             if logging.getLogger().isEnabledFor(logging.INFO):
                 logging.getLogger("wbc_edge").exception("failed")
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(_one_line(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wbc-edge")
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
-def main(verbose: bool) -> None:
+@click.option("--trust-unsigned", is_flag=True,
+              help="run bundles whose manifest carries no checksum of itself (sets WBC_EDGE_TRUST_UNSIGNED=1)")
+def main(verbose: bool, trust_unsigned: bool) -> None:
     """Classify white blood cells in blood-smear images, at the edge."""
     _setup_logging(verbose)
+    if trust_unsigned:  # read by Bundle.load, so every command and library call sees it without plumbing
+        import os
+
+        from .bundle import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
+
+
+def _views_option(ctx, param, value):
+    """--views checked before the command runs: a typo must not start a run or create outputs."""
+    from .edge.tta import parse_views
+
+    try:
+        return parse_views(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @main.command()
@@ -120,7 +164,7 @@ def _scale_options(f):
 @click.option("--out", default="results/evaluate", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
-@click.option("--views", help="comma-separated TTA views (default: the bundle's)")
+@click.option("--views", callback=_views_option, help="comma-separated TTA views (default: the bundle's)")
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
 @click.option("--label-map", metavar="NAME|FILE.yaml",
               help="map labels and predictions, e.g. 5part; default: automatic")
@@ -130,7 +174,7 @@ def evaluate(data, bundle, out, device, precision, views, refine, label_map, pix
     from .evaluate import evaluate as run_evaluate
     from .metrics import format_report
 
-    rep = run_evaluate(bundle, data, out, device, precision, views.split(",") if views else None, refine=refine,
+    rep = run_evaluate(bundle, data, out, device, precision, views, refine=refine,
                        label_map=label_map, pixel_size=pixel_size, scale_per=scale_per)
     if rep["scored_on"] == "model":
         click.echo(format_report(rep))
@@ -153,7 +197,7 @@ def evaluate(data, bundle, out, device, precision, views, refine, label_map, pix
 @click.option("--crops", "crops_flag", is_flag=True, help="same as --mode crops (inputs are single cells)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32", show_default=True)
-@click.option("--views", help="comma-separated TTA views (default: the bundle's)")
+@click.option("--views", callback=_views_option, help="comma-separated TTA views (default: the bundle's)")
 @click.option("--max-batch", type=int, default=64, show_default=True)
 @click.option("--max-delay-ms", type=float, default=20.0, show_default=True)
 @click.option("--annotate", is_flag=True, help="write annotated frames / video")
@@ -173,7 +217,7 @@ def stream(source, bundle, out, mode, crops_flag, views, **opts):
     from .edge.report import summary_text
 
     summary = run_stream(source, bundle, out, mode="crops" if crops_flag else mode,
-                         views=views.split(",") if views else None, **opts)
+                         views=views, **opts)
     click.echo(summary_text(summary.to_dict()))
     sys.exit(summary.exit_code)
 

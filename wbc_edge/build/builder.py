@@ -14,6 +14,7 @@ log = logging.getLogger("wbc_edge.build")
 def build_onnx(bundle: Bundle, fuse: bool = False) -> Bundle:
     """Re-run graph surgery from each member's raw export (uint8 in, softmax out, metadata); with
     `fuse`, also one graph for the whole ensemble."""
+    bundle.validate()  # member names become file names: none may point outside the bundle
     for m in bundle.members:
         with tempfile.TemporaryDirectory() as tmp:
             raw = raw_graph_path(bundle, m, tmp)
@@ -46,6 +47,7 @@ def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, 
     from ..calibration.check import compare_to_fp32, enforce
     from ..calibration.reader import calibration_images
 
+    bundle.validate()  # member names become file names: none may point outside the bundle
     quantize_member = _quantizer(quantizer, calib_method)
     if calib is None:
         raise ValueError(f"{key} needs --calib DIR: real cells to calibrate on")

@@ -18,16 +18,19 @@ class EnsembleClassifier:
                  artifact: str | None = None, fused: bool = True, calibrated: bool = True):
         self.bundle, self.device, self.precision = bundle, device, precision
         # the bundle's confidence temperature (1: none); calibrated=False gives the raw ensemble mean
-        self.temperature = float((bundle.extra.get("confidence") or {}).get("temperature", 1.0)) if calibrated else 1.0
+        self.temperature = bundle.temperature if calibrated else 1.0
         # the ONNX graph each runner loads: FP32, or the INT8 Q/DQ graph. On CUDA, FP16 and INT8 run the
         # member's TensorRT engine (`_engine`) when one is built; the ONNX graph is the ORT fallback.
         cuda_fp16 = device == "cuda" and precision == "fp16"
         self.artifact = artifact or (None if precision == "fp32" or cuda_fp16 else f"ort-{precision}")
         # one engine call for the whole ensemble when the bundle has a fused FP32 graph
         self.fused = fused and self.artifact is None and precision == "fp32" and "fused" in bundle.extra
-        self.views = views or bundle.extra.get("tta", {}).get("views", ["id"])
+        # checked here, before any runner starts or any output is made (the bundle's own are checked at load)
+        self.views = tta.check_views(views) if views is not None else bundle.views
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
+        if not (np.isfinite(weights).all() and (weights >= 0).all() and 0 < weights.sum() < np.inf):
+            raise ValueError(f"{bundle.root}: member weights {weights.tolist()} cannot be averaged")
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
 

@@ -11,6 +11,23 @@ VIEWS: dict[str, tuple[int, bool]] = {
 PRESETS = {1: ["id"], 2: ["id", "flip"], 4: ["id", "rot90", "rot180", "rot270"], 8: list(VIEWS)}
 
 
+def check_views(views) -> list[str]:
+    """`views` as a list of known view names; ValueError naming the unknown ones (or an empty list)."""
+    views = list(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}" if unknown
+                         else f"no TTA views given; choose from {list(VIEWS)}")
+    return views
+
+
+def parse_views(text: str | None) -> list[str] | None:
+    """`--views id,flip` -> ["id", "flip"], checked before anything runs; None -> None (the bundle's)."""
+    if text is None:
+        return None
+    return check_views(v.strip() for v in text.split(",") if v.strip())
+
+
 def view(batch: np.ndarray, name: str) -> np.ndarray:
     turns, flip = VIEWS[name]
     out = np.rot90(batch, turns, axes=(1, 2))  # axes (H,W): same turn as torch.rot90 on NCHW dims (2,3)
@@ -19,9 +36,7 @@ def view(batch: np.ndarray, name: str) -> np.ndarray:
 
 def expand(batch: np.ndarray, views: list[str]) -> np.ndarray:
     """All views of the batch stacked view-major: (V*B, H, W, 3), one runner call for all of them."""
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise ValueError(f"unknown TTA views {unknown}; choose from {list(VIEWS)}")
+    check_views(views)
     return np.ascontiguousarray(np.concatenate([view(batch, v) for v in views]))
 
 
