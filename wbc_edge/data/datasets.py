@@ -15,7 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..taxonomy import UnknownClassError, normalise_code
-from .images import ImageReadError, is_image_file, read_image
+from .images import ImageReadError, read_image
+from .inventory import Skipped, list_inputs
 
 log = logging.getLogger("wbc_edge.datasets")
 
@@ -31,6 +32,7 @@ class Sample:
 class LoadError:
     path: str
     reason: str
+    index: int = -1  # the sample's index in the dataset it was loaded from (a path may be listed twice)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class CellDataset:
     # label as written -> paths of its files, for labels that are no class code: left out of the
     # samples, but kept so that a caller can still account for every input
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    # files found beside the samples that are no images (LICENSE, a CSV), dangling links, symlink loops
+    ignored: list[Skipped] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,7 +72,7 @@ class CellDataset:
             try:
                 return i, read_image(self.samples[i].path), None
             except ImageReadError as exc:
-                return i, None, LoadError(exc.path, exc.reason)
+                return i, None, LoadError(exc.path, exc.reason, i)
 
         images, kept, errors = [], [], []
         with ThreadPoolExecutor(workers) as pool:  # cv2 releases the GIL while decoding
@@ -107,17 +111,24 @@ def from_image_folder(root, classes=None) -> CellDataset:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
     samples, skipped = [], {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [str(p) for p in sorted(d.iterdir()) if is_image_file(p)]
-        code = _code_or_none(d.name)
+    inv = list_inputs(root)
+    by_label: dict[str, list[str]] = {}
+    for f in inv.files:
+        parts = Path(f).relative_to(root).parts
+        if len(parts) < 2:  # a file beside the class folders has no label
+            inv.skipped.append(Skipped(f, "not in a class folder (no label)"))
+        else:
+            by_label.setdefault(parts[0], []).append(f)
+    for label, files in sorted(by_label.items()):
+        code = _code_or_none(label)
         if code is None:
-            skipped[d.name] = files
+            skipped[label] = files
         else:
             samples += [Sample(f, code) for f in files]
     _warn_skipped(root, skipped)
     ds = CellDataset(samples, str(root), _classes_of(samples))
     ds = ds.filter_classes(classes) if classes else ds
-    ds.skipped = skipped
+    ds.skipped, ds.ignored = skipped, inv.skipped
     return ds
 
 
@@ -154,9 +165,8 @@ def from_folder(root) -> CellDataset:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() not in {".csv", ".json", ".txt", ".md", ".xml"})
-    return CellDataset([Sample(str(p)) for p in files], str(root), [])
+    inv = list_inputs(root)
+    return CellDataset([Sample(p) for p in inv.files], str(root), [], ignored=inv.skipped)
 
 
 def load_labelled(source, classes, preprocessor, progress: bool = False):

@@ -19,9 +19,9 @@ def _read_chunk(ds: CellDataset, idx, pre: Preprocessor):
     """(prepared cells or None, dataset indices of its rows, error rows by dataset index)."""
     idx = list(idx)
     batch, kept, errors, prepared = pre.load(ds.subset(idx))
-    by_path = {ds.samples[i].path: i for i in idx}
-    rows = {by_path[e.path]: {"path": e.path, "label": ds.samples[by_path[e.path]].label, "pred": None,
-                              "error": e.reason} for e in errors}
+    # by index, not path: a manifest may list one (unreadable) file twice, and each row gets its reason
+    rows = {idx[e.index]: {"path": e.path, "label": ds.samples[idx[e.index]].label, "pred": None,
+                           "error": e.reason} for e in errors}
     return (prepared if len(kept) else None), [idx[k] for k in kept], rows
 
 

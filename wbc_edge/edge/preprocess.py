@@ -17,7 +17,7 @@ the PyTorch side uses `normalise` below with the same bundle values, so both see
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -189,10 +189,25 @@ class Preprocessor:
             out[i] = self.canonical(frame, scale, ((x0 + x1) / 2, (y0 + y1) / 2), fill)
         return out
 
-    def load(self, dataset, progress: bool = False, workers: int = 4):
+    def load(self, dataset, progress: bool = False, workers: int = 4, max_bytes: int = 256 << 20):
         """Read and prepare every sample of a CellDataset -> (model-input batch, kept indices, errors,
-        Prepared). With `same_scale` the dataset is one slide (or one per `group`)."""
-        images, kept, errors = dataset.load(progress=progress, workers=workers)
-        slides = [dataset.samples[i].group or "" for i in kept]
-        prepared = self.crops(images, slides)
-        return prepared.batch, kept, errors, prepared
+        Prepared). With `same_scale` the dataset is one slide (or one per `group`).
+
+        Images are read at native size in runs that hold at most `max_bytes` of decoded pixels (from
+        the files' headers), each run cut to canonical cells before the next is read: a batch of 64
+        large frames must not hold 64 native images at once."""
+        from ..data.inventory import byte_chunks
+
+        cells, scales, restored, kept, errors = [], [], [], [], []
+        for run in byte_chunks([s.path for s in dataset.samples], max_bytes):
+            images, k, errs = dataset.subset(run).load(progress=progress, workers=workers)
+            for j, img in zip(k, images):
+                cell, scale, fixed = self.crop(img, dataset.samples[run[j]].group or "")
+                cells.append(cell)
+                scales.append(scale)
+                restored.append(fixed)
+            kept += [run[j] for j in k]
+            errors += [replace(e, index=run[e.index]) for e in errs]
+        batch = np.stack(cells) if cells else np.zeros((0, self.size, self.size, 3), np.uint8)
+        prepared = Prepared(self.stain(batch), scales, np.asarray(restored, bool))
+        return prepared.batch, np.asarray(kept, np.int64), errors, prepared

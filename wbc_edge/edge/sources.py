@@ -20,14 +20,12 @@ import cv2
 import numpy as np
 
 from ..data.images import ImageReadError, read_image, to_rgb_uint8
+from ..data.inventory import Skipped, list_inputs, not_image_reason, walk
 
 log = logging.getLogger("wbc_edge.sources")
 
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv",
                             ".ts", ".mjpg", ".mjpeg", ".ogv", ".flv"})
-# Files that sit beside images (annotations, manifests) or are still being written by a scanner.
-SKIP_SUFFIXES = frozenset({".csv", ".json", ".jsonl", ".txt", ".md", ".xml", ".yaml", ".yml",
-                           ".tmp", ".part", ".crdownload", ".lock", ".partial"})
 MODES = ("auto", "frames", "crops", "video", "camera", "watch")
 
 
@@ -93,30 +91,21 @@ def _timed_read(path: str, t0: float) -> Frame:
     return Frame(path, -1, img, err, t0, time.perf_counter() - t0)
 
 
-def _is_candidate(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in SKIP_SUFFIXES
-
-
 class FileSource(Source):
-    """A folder (recursive, sorted), a glob pattern, or one image file; unreadable files are error frames."""
+    """A folder (recursive, sorted, symlinks followed once), a glob pattern, or one image file;
+    unreadable files are error frames. What the listing found that is no image (LICENSE, a CSV, a
+    dangling link, a symlink loop) is in `skipped`, with the reason, and never becomes a frame."""
 
     def __init__(self, target: str, kind: str = "frames", **kw):
         super().__init__(**kw)
         self.kind = self.mode = kind
         self.name = str(target)
-        self.paths = self._list(target)  # the input listing, not per-frame history
-
-    @staticmethod
-    def _list(target: str) -> list[str]:
-        p = Path(target)
-        if p.is_dir():
-            return [str(f) for f in sorted(p.rglob("*")) if _is_candidate(f)]
-        if p.is_file():
-            return [str(p)]
-        matches = sorted(globmod.glob(target, recursive=True))
-        if not matches and not globmod.has_magic(target):
-            raise FileNotFoundError(f"{target}: no such file or directory")
-        return [m for m in matches if _is_candidate(Path(m))]
+        inv = list_inputs(target)
+        self.paths = inv.files  # the input listing, not per-frame history
+        self.skipped: list[Skipped] = inv.skipped
+        if inv.skipped:
+            log.warning("%s: %d path(s) skipped, e.g. %s: %s", target, len(inv.skipped), inv.skipped[0].path,
+                        inv.skipped[0].reason)
 
     def _items(self) -> Iterator[Frame]:
         for path in self.paths:
@@ -247,10 +236,13 @@ def _sleep_unless(stopped, seconds: float, step: float = 0.05) -> bool:
 
 
 class WatchSource(Source):
-    """A directory a scanner writes into, polled every `poll_s`. A file is read once its size and
-    mtime are unchanged between two polls and it was last modified `settle_s` ago (a scanner that
-    pauses mid-write must not have its half file read); the source ends after `idle_s` without a new
-    file. Files already there at start are read first.
+    """A directory a scanner writes into (subfolders included), polled every `poll_s`. A file is read
+    once its size and mtime are unchanged between two polls and it was last modified `settle_s` ago (a
+    scanner that pauses mid-write must not have its half file read); a file that still fails to decode
+    is tried again `retries` times, a poll apart, before it becomes an error frame (a writer that paused
+    longer than `settle_s`). A file rewritten under the same name is read again: files are known by
+    (path, size, mtime). The source ends after `idle_s` without a new file; files already there at
+    start are read first.
 
     Memory stays bounded however many files arrive: names older than `horizon_s` before the newest
     file seen are forgotten, and files older than anything forgotten are ignored (a file copied in with
@@ -260,56 +252,89 @@ class WatchSource(Source):
     mode = "watch"
 
     def __init__(self, directory: str, idle_s: float = 10.0, poll_s: float = 0.2, settle_s: float = 0.5,
-                 horizon_s: float = 300.0, kind: str = "frames", **kw):
+                 horizon_s: float = 300.0, kind: str = "frames", retries: int = 3, **kw):
         super().__init__(**kw)
         self.dir, self.name, self.kind = Path(directory), str(directory), kind
         if not self.dir.is_dir():
             raise FileNotFoundError(f"{directory}: not a directory (watch mode needs one)")
         self.idle_s, self.poll_s, self.settle_s, self.horizon_s = idle_s, poll_s, settle_s, horizon_s
-        self.done: dict[str, int] = {}  # name -> mtime_ns of files already yielded (pruned)
+        self.retries = retries
+        self.done: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) of the version read (pruned)
+        self.failed: dict[tuple, int] = {}  # (path, size, mtime_ns) -> failed reads so far
         self.cutoff_ns = -1  # files at or before this mtime were forgotten: ignore them
+        self.skipped: list[Skipped] = []  # what was found that is no image (each path once)
+        self._skipped_seen: set[str] = set()
 
-    def _scan(self, pending: dict) -> list[tuple[int, str]]:
+    def _candidates(self):
+        files, cut = walk(self.dir)
+        for p in files:
+            why = not_image_reason(p)
+            if why is None:
+                yield p
+            elif why != "partial or temporary file (still being written?)":
+                self._skip(Skipped(str(p), why))
+        for s in cut:
+            self._skip(s)
+
+    def _skip(self, s: Skipped) -> None:
+        if s.path not in self._skipped_seen and len(self._skipped_seen) < 10000:
+            self._skipped_seen.add(s.path)
+            self.skipped.append(s)
+            log.warning("%s: skipped: %s", s.path, s.reason)
+
+    def _scan(self, pending: dict) -> list[tuple[int, str, tuple[int, int]]]:
         """Files stable since the last poll, oldest first; updates `pending`."""
         ready, now, settled_ns = [], {}, time.time_ns() - int(self.settle_s * 1e9)
-        for entry in os.scandir(self.dir):
-            if entry.name in self.done or not _is_candidate(Path(entry.path)):
-                continue
+        for p in self._candidates():
             try:
-                st = entry.stat()
+                st = p.stat()
             except OSError:  # removed between listing and stat
                 continue
-            if st.st_mtime_ns <= self.cutoff_ns:
+            key, sig = str(p), (st.st_size, st.st_mtime_ns)
+            if st.st_mtime_ns <= self.cutoff_ns or self.done.get(key) == sig:
                 continue
-            sig = (st.st_size, st.st_mtime_ns)
-            if pending.get(entry.name) == sig and st.st_mtime_ns <= settled_ns:
-                ready.append((st.st_mtime_ns, entry.name))
+            if pending.get(key) == sig and st.st_mtime_ns <= settled_ns:
+                ready.append((st.st_mtime_ns, key, sig))
             else:
-                now[entry.name] = sig
+                now[key] = sig
         pending.clear()
         pending.update(now)
+        current = {(k, *sig) for k, sig in now.items()} | {(k, *sig) for _, k, sig in ready}
+        self.failed = {k: n for k, n in self.failed.items() if k in current}  # rewritten or removed
         return sorted(ready)
 
     def _forget_old(self) -> None:
-        newest = max(self.done.values(), default=0)
-        old = {n: m for n, m in self.done.items() if m < newest - int(self.horizon_s * 1e9)}
+        newest = max((m for _, m in self.done.values()), default=0)
+        old = {n: m for n, (_, m) in self.done.items() if m < newest - int(self.horizon_s * 1e9)}
         if old:
             self.cutoff_ns = max(self.cutoff_ns, max(old.values()))
             for n in old:
                 del self.done[n]
 
+    def _read(self, path: str, sig) -> Frame | None:
+        """The frame, or None while a failed read is still to be retried (a writer may have paused)."""
+        frame = _timed_read(path, time.perf_counter())
+        tries = self.failed.pop((path, *sig), 0) + 1
+        if frame.error is not None and tries <= self.retries:
+            self.failed[(path, *sig)] = tries
+            return None
+        self.done[path] = sig
+        return frame
+
     def _items(self) -> Iterator[Frame]:
         pending: dict[str, tuple[int, int]] = {}
         last_new = time.monotonic()
         while not self._stopped:
-            for mtime, name in self._scan(pending):
-                self.done[name] = mtime
-                yield _timed_read(str(self.dir / name), time.perf_counter())
+            for _, path, sig in self._scan(pending):
+                frame = self._read(path, sig)
+                if frame is None:
+                    continue
+                yield frame
                 last_new = time.monotonic()
                 if self._stopped:
                     return
             self._forget_old()
-            if time.monotonic() - last_new >= self.idle_s and not pending:
+            if time.monotonic() - last_new >= self.idle_s and not pending and not self.failed:
                 return
             _sleep_unless(lambda: self._stopped, self.poll_s)
 
