@@ -22,11 +22,15 @@ from .edge.drift import DriftMonitor, RecordingClassifier, flag_row
 from .edge.offline import classify_dataset, write_jsonl
 from .edge.preprocess import Preprocessor
 from .edge.refine.refiner import Refiner
+from .outdir import owns_output
 from .taxonomy import FIVE_PARTS, OTHER, RARE_CODES, LabelMap, load_label_map
 
 log = logging.getLogger("wbc_edge.evaluate")
 
 
+# --out is claimed before any work (writable, locked against a second run, the last run's outputs removed)
+@owns_output("out_dir", ("metrics.json", "predictions.jsonl", "submission.csv", "confusion*.png",
+                         "reliability*.png"))
 def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "fp32", views=None,
              batch_size: int = 64, progress: bool = True, refine: bool = True, label_map=None,
              pixel_size: float | None = None, scale_per: str = "slide") -> dict:
@@ -46,8 +50,9 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     lmap = choose_label_map(label_map, [r["label"] for r in rows], bundle.classes)
     _annotate(rows, bundle.classes, lmap)
     write_jsonl(rows, out / "predictions.jsonl")
-    write_submission(out / "submission.csv", [Path(r["path"]).name for r in rows],
-                     [r["pred"] or "" for r in rows])
+    images = [r for r in rows if not r.get("skipped")]  # a LICENSE beside the cells is no submission row
+    write_submission(out / "submission.csv", [Path(r["path"]).name for r in images],
+                     [r["pred"] or "" for r in images])
     fine = _fine_report(rows, bundle.classes, out)
     mapped = _mapped_report(rows, lmap, out, bundle.classes) if lmap else None
     if fine is None and mapped is None:
@@ -61,6 +66,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
                    "n_unreadable": sum(1 for r in rows if r.get("error")),
                    "n_restored": sum(1 for r in rows if r.get("restored")),
                    "n_unknown_label": sum(unknown.values()), "unknown_labels": dict(unknown),
+                   "n_skipped": sum(1 for r in rows if r.get("skipped")),
                    "unreadable": [{"path": r["path"], "reason": r["error"]} for r in rows if r.get("error")],
                    "files": ["metrics.json", "predictions.jsonl", "submission.csv"]
                    + (["confusion.png", "reliability.png"] if fine else [])
@@ -116,7 +122,8 @@ def _skipped_rows(ds) -> list[dict]:
     # every input is accounted for in predictions.jsonl
     return [{"path": p, "label": label, "pred": None,
              "note": f"label {label!r} is no known class code; not classified"}
-            for label, paths in ds.skipped.items() for p in paths]
+            for label, paths in ds.skipped.items() for p in paths] + \
+        [{"path": s.path, "label": None, "pred": None, "skipped": s.reason} for s in ds.ignored]
 
 
 def choose_label_map(spec, labels, classes) -> LabelMap | None:

@@ -16,6 +16,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from ..outdir import owns_output
 from .images import ImageReadError, read_image
 
 SEVERITIES = (1, 2, 3, 4)
@@ -193,6 +194,18 @@ def degradation_hook(p: float = 0.3, max_severity: int = 3, kinds=None):
 MANIFEST_COLUMNS = ["path", "label", "kind", "severity", "seed", "source", "error"]
 
 
+@owns_output("dst")  # locked against a second run; checked writable before any work
+def _check_dst(src, dst) -> None:
+    """DST must lie outside SRC: writing into it would overwrite the originals' manifest and feed the
+    degraded copies back in as inputs of the next run."""
+    s = Path(src).resolve()
+    s = s.parent if s.is_file() else s
+    d = Path(dst).resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"{dst}: the output folder is {'the source folder' if d == s else 'inside the source'} "
+                         f"{src}; choose a folder outside it")
+
+
 def degrade_dataset(src, dst, kind: str, severity: int, seed: int = 0, progress: bool = True) -> Path:
     """Degraded PNG copies of an ImageFolder / manifest dataset -> path of `dst/manifest.csv`.
 
@@ -206,6 +219,7 @@ def degrade_dataset(src, dst, kind: str, severity: int, seed: int = 0, progress:
     from .datasets import open_dataset
 
     _check(np.zeros((1, 8, 8, 3), np.uint8), kind, severity)  # fail on bad arguments before any work
+    _check_dst(src, dst)
     ds, dst = open_dataset(src), Path(dst)
     rows, used = [], set()
     for s in tqdm(ds.samples, desc=f"{kind} s{severity}", unit="img", disable=not progress):
