@@ -41,21 +41,33 @@ class _Group(click.Group):
     signal (130, 143): SIGTERM is raised like Ctrl-C so the same cleanup runs."""
 
     def invoke(self, ctx):
-        from .outdir import exit_code_for, signal_of, sigterm_as_interrupt
+        from .outdir import signal_of, signals_interrupt
 
-        try:
-            with sigterm_as_interrupt():
+        with signals_interrupt() as seen:
+            try:
                 return super().invoke(ctx)
-        except KeyboardInterrupt as exc:  # click's own handler would print "Aborted!" and exit 1
-            signum = signal_of(exc)
-            click.echo(f"interrupted ({signal.Signals(signum).name})", err=True)
-            sys.exit(exit_code_for(signum))
-        except Exception as exc:
-            if not isinstance(exc, _known_errors()) or isinstance(exc, click.ClickException):
-                raise
-            if logging.getLogger().isEnabledFor(logging.INFO):
-                logging.getLogger("wbc_edge").exception("failed")
-            raise click.ClickException(_one_line(exc)) from exc
+            except KeyboardInterrupt as exc:  # click's own handler would print "Aborted!" and exit 1
+                _interrupted(signal_of(exc))
+            except Exception as exc:
+                if seen.signum is not None:  # the interrupt came back as a library's error (an import cut short)
+                    _interrupted(seen.signum)
+                _fail(exc)
+
+
+def _interrupted(signum: int):
+    from .outdir import exit_code_for
+
+    click.echo(f"interrupted ({signal.Signals(signum).name})", err=True)
+    sys.exit(exit_code_for(signum))
+
+
+def _fail(exc: Exception):
+    """A known failure as click's one-line error (exit 1); anything else is a bug: its traceback stays."""
+    if not isinstance(exc, _known_errors()) or isinstance(exc, click.ClickException):
+        raise exc
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("wbc_edge").exception("failed")  # called inside the except: the traceback with -v
+    raise click.ClickException(_one_line(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

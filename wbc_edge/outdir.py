@@ -43,22 +43,33 @@ def signal_of(exc: BaseException) -> int:
     return int(getattr(exc, "signum", signal.SIGINT))
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """While the block runs, SIGTERM raises `Terminated` in the main thread, as SIGINT raises
-    KeyboardInterrupt (Python's default for SIGTERM is to die at once, with files half written)."""
-    def _raise(signum, _frame):
-        raise Terminated()
+class _Seen:
+    signum: int | None = None
 
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise)
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM raises `Terminated` in the main
+    thread (Python's default for SIGTERM is to die at once, with files half written). Yields a record
+    of the last such signal: a library may turn the KeyboardInterrupt into its own error (an extension
+    module whose import was cut short raises ImportError), and the caller can still tell it was a stop."""
+    seen = _Seen()
+
+    def _raise(signum, _frame):
+        seen.signum = signum
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    try:  # a signal ignored by whoever started us (nohup, `cmd &` in a script) stays ignored
+        previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: signals cannot be routed here
-        yield
+        yield seen
         return
     try:
-        yield
+        yield seen
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class OutputDirError(OSError):
