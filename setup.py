@@ -17,6 +17,7 @@ CORE = [
     "tqdm>=4.66",
     "pyyaml>=6.0",
     "matplotlib>=3.8",
+    "pillow>=9",  # image headers (size before decoding) in data/images.py
 ]
 EXTRAS = {
     # torch/torchvision are pinned to the releases that ship on this project's machines.
