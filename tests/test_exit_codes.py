@@ -96,6 +96,17 @@ def test_corrupt_bundle_and_unreadable_input_are_one_line(cells, bundle_copy, sa
     assert _jsonl(tmp_path / "o" / "cells.jsonl")[0]["error"]
 
 
+def test_every_other_command_exits_1_or_2(cells, bundle_copy, tmp_path):
+    """train, adapt, combine: a bad input is one line and exit 1 (with or without the `train` extra),
+    a bad option value is click's 2."""
+    (bundle_copy / "manifest.json").write_text("[]")
+    _one_line_error(_cli("train", "--data", tmp_path / "nowhere", "--out", tmp_path / "t"))
+    _one_line_error(_cli("adapt", bundle_copy, cells, "--out", tmp_path / "a"))
+    _one_line_error(_cli("combine", bundle_copy, bundle_copy, "--out", tmp_path / "c"))
+    assert _cli("train", "--epochs", "many").returncode == 2
+    assert _cli("degrade", cells, tmp_path / "d", "--kind", "jpeg", "--severity", "9").returncode == 2
+
+
 def test_a_second_run_on_a_locked_out_is_refused_and_touches_nothing(cells, frames, sample_bundle, tmp_path):
     out = tmp_path / "out"
     assert _cli("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out", out).returncode == 0
@@ -267,7 +278,7 @@ def _wait_for_library(proc, name, timeout=60):
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see the start-up")
 @pytest.mark.parametrize("cmd,sig", [("stream", signal.SIGINT), ("evaluate", signal.SIGINT),
-                                     ("stream", signal.SIGTERM)])
+                                     ("stream", signal.SIGTERM), ("evaluate", signal.SIGTERM)])
 def test_a_signal_during_start_up_exits_cleanly(cmd, sig, cells, sample_bundle, tmp_path):
     out = tmp_path / "out"
     args = (cells / "LY", "--crops") if cmd == "stream" else (cells,)
