@@ -173,11 +173,27 @@ def test_no_members_is_refused(bundle_copy):
         Bundle.load(bundle_copy)
 
 
-def test_a_member_graph_of_another_member_is_refused(bundle_copy):
+def test_a_member_graph_exported_as_another_member_is_named(bundle_copy, caplog):
     shutil.copy(bundle_copy / "m0.onnx", bundle_copy / "m1.onnx")
     _edit(bundle_copy, lambda m: m["members"][0].update(name="m1", onnx="m1.onnx"))
-    with pytest.raises(BundleError, match="m1.onnx is the graph of member 'm0', not of 'm1'"):
-        Bundle.load(bundle_copy, trust_unsigned=True)
+    with caplog.at_level("WARNING", logger="wbc_edge.bundle"):
+        Bundle.load(bundle_copy, trust_unsigned=True)  # m1.onnx has no checksum: its own copy
+    assert "m1.onnx was exported as member 'm0', the manifest runs it as 'm1'" in caplog.text
+
+
+def test_a_fused_graph_that_disagrees_with_the_members_is_refused(bundle_copy):
+    from wbc_edge.build.builder import build_onnx
+
+    build_onnx(Bundle.load(bundle_copy), fuse=True).save()
+    _edit(bundle_copy, lambda m: m["members"][0].update(weight=2.0))
+    with pytest.raises(BundleError, match="'fused.weights' .* differ from the members' weights"):
+        Bundle.load(bundle_copy)
+    _edit(bundle_copy, lambda m: m["fused"].update(weights=[2.0]))  # the graph still has 1.0 built in
+    with pytest.raises(BundleError, match=r"ensemble.onnx has weights \[1.0\] built in"):
+        Bundle.load(bundle_copy)
+    _edit(bundle_copy, lambda m: (m["members"][0].update(weight=1.0), m["fused"].update(members=["m9"])))
+    with pytest.raises(BundleError, match="'fused.members' .* differs from the members"):
+        Bundle.load(bundle_copy)
 
 
 def test_unknown_views_are_refused_in_the_manifest_and_at_run_time(bundle_copy):

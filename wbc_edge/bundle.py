@@ -153,6 +153,8 @@ class Member:
                                        f"bundle: no path separators, no '..'), got {self.name!r:.60}")
         if not isinstance(self.arch, str) or not self.arch:
             _fail(where, f"{at}.arch", f"must be a non-empty string, got {self.arch!r:.60}")
+        if self.onnx is None:  # every runner, build target and the fused graph start from it
+            _fail(where, f"{at}.onnx", "must name the member's ONNX graph (it is missing)")
         for key in ("weights", "onnx"):
             if getattr(self, key) is not None:
                 _file(where, f"{at}.{key}", getattr(self, key))
@@ -323,6 +325,10 @@ class Bundle:
             if "members" in meta and _meta_json(meta, "members", fused) != names:
                 raise BundleError(f"{self.root}: {fused} fuses members {meta['members']}, the manifest "
                                   f"lists {names}; rebuild it with `wbc-edge build --target onnx --fuse`")
+            weights = [m.weight for m in self.members]
+            if "ensemble_weights" in meta and not _close_lists(_meta_json(meta, "ensemble_weights", fused), weights):
+                raise BundleError(f"{self.root}: {fused} has weights {meta['ensemble_weights']} built in, the "
+                                  f"manifest's members say {weights}; rebuild it with `wbc-edge build --fuse`")
 
     def _check_graph(self, name: str, meta: dict, member: str | None) -> None:
         where = f"{self.root}: {name}"
@@ -333,7 +339,9 @@ class Bundle:
             raise BundleError(f"{where} was trained on classes {classes} but the manifest's 'classes' are "
                               f"{self.classes} (order matters: output i is class i)")
         if member is not None and meta.get("member", member) != member:
-            raise BundleError(f"{where} is the graph of member {meta['member']!r}, not of {member!r}")
+            # a warning, not a refusal: a graph reused for a second member (same classes, same input) runs
+            # correctly; only the names in its metadata are off
+            log.warning("%s was exported as member %r, the manifest runs it as %r", where, meta["member"], member)
         if "preprocess" in meta:
             self._check_graph_preprocess(where, _meta_json(meta, "preprocess", name))
 
