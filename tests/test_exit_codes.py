@@ -127,7 +127,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(cells, sample_bundle, tmp_path)
     dead.wait()
     out = tmp_path / "out"
     out.mkdir()
-    (out / LOCK_NAME).write_text(f"{dead.pid}\n")  # what a SIGKILLed run leaves (the kernel dropped its flock)
+    (out / LOCK_NAME).write_text(f"{dead.pid}\n")  # a SIGKILLed run's (the kernel dropped its flock)
     res = _cli("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out", out)
     assert res.returncode == 0, res.stderr
     assert f"PID {dead.pid}, no longer running" in res.stderr and not (out / LOCK_NAME).exists()
@@ -142,7 +142,8 @@ def test_a_rerun_starts_fresh(cells, frames, sample_bundle, tmp_path):
     (out / "annotated" / "0000001-old.jpg").write_bytes(b"stale")
     (out / "summary.json").write_text('{"status": "completed", "frames": 999}')
     (out / "notes.txt").write_text("the user's own file")
-    res = _cli("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out", out, "--low-confidence", "1")
+    res = _cli("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out", out,
+               "--low-confidence", "1")  # every cell flagged: each has a crop in review/
     assert res.returncode == 0, res.stderr
     review = _jsonl(out / "review" / "review.jsonl")
     assert sorted(p.name for p in (out / "review").glob("*.png")) == sorted(r["image"] for r in review)
@@ -154,7 +155,8 @@ def test_unwritable_out_fails_up_front(cells, sample_bundle, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     for cmd in ("stream", "evaluate", "degrade"):
-        args = {"stream": ("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out", afile / "o"),
+        args = {"stream": ("stream", cells / "LY", "--crops", "--bundle", sample_bundle, "--out",
+                           afile / "o"),
                 "evaluate": ("evaluate", cells, "--bundle", sample_bundle, "--out", afile / "o"),
                 "degrade": ("degrade", cells, afile / "o", "--kind", "jpeg")}[cmd]
         _one_line_error(_cli(*args), afile / "o", "Not a directory")

@@ -49,7 +49,8 @@ class _Group(click.Group):
             except KeyboardInterrupt as exc:  # click's own handler would print "Aborted!" and exit 1
                 _interrupted(signal_of(exc))
             except Exception as exc:
-                if seen.signum is not None:  # the interrupt came back as a library's error (an import cut short)
+                if seen.signum is not None:  # the interrupt came back as a library's error (e.g. an
+                    # extension module whose import it cut short)
                     _interrupted(seen.signum)
                 _fail(exc)
 

@@ -22,6 +22,7 @@ from .edge.drift import DriftMonitor, RecordingClassifier, flag_row
 from .edge.offline import classify_dataset, write_jsonl
 from .edge.preprocess import Preprocessor
 from .edge.refine.refiner import Refiner
+from .edge.sinks import atomic_write_text
 from .outdir import owns_output
 from .taxonomy import FIVE_PARTS, OTHER, RARE_CODES, LabelMap, load_label_map
 
@@ -76,7 +77,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
                    "n_rare_unverified": sum(1 for r in rows if "unverified" in r.get("flags", ()))})
     if mapped:
         report["mapped"] = mapped
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))  # never half a file (full disk)
     return report
 
 

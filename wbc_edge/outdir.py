@@ -135,8 +135,8 @@ class _Lock:
                 os.close(fd)
                 pid = _holder(self.path)
                 who = f"PID {pid}" if pid else "another process"
-                raise OutputDirError(errno.EBUSY, f"{self.path.parent}: in use by another wbc-edge run ({who}); "
-                                                  "wait for it to end or choose another --out") from None
+                raise OutputDirError(errno.EBUSY, f"{self.path.parent}: in use by another wbc-edge run "
+                                                  f"({who}); wait for it to end or choose another --out") from None
             except OSError as exc:  # a file system without locks (some network mounts): go on, unlocked
                 log.warning("%s: cannot lock (%s); not protected against a second run", self.path.parent,
                             _describe(exc))

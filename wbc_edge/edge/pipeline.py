@@ -243,7 +243,8 @@ class Pipeline:
 
     def _fail(self, exc: BaseException) -> None:
         # one line; the traceback only with -v (a full disk is not a bug to debug)
-        log.error("stream stage failed: %s", reason(exc), exc_info=exc if log.isEnabledFor(logging.INFO) else None)
+        log.error("stream stage failed: %s", reason(exc),
+                  exc_info=exc if log.isEnabledFor(logging.INFO) else None)
         if self.fatal is None:
             self.fatal = exc
         self.source.stop()
@@ -588,16 +589,16 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     checked writable, locked against a second run, an earlier run's outputs removed: `outdir.claim`).
     """
     with claim(out_dir, STREAM_OUTPUTS):
-        return _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
-                           annotate, report, loop, max_frames, workers=workers, top_k=top_k,
+        return _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch,
+                           max_delay_ms, annotate, report, loop, max_frames, workers=workers, top_k=top_k,
                            low_confidence=low_confidence, rare_min_prob=rare_min_prob, review_max=review_max,
                            pixel_size=pixel_size, scale_per=scale_per, localiser_config=localiser_config,
                            retries=retries, backoff_s=backoff_s, watch_idle_s=watch_idle_s, threads=threads,
                            refine=refine, on_progress=on_progress)
 
 
-def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms, annotate,
-                report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
+def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
+                annotate, report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
                 pixel_size, scale_per, localiser_config, retries, backoff_s, watch_idle_s, threads, refine,
                 on_progress) -> StreamSummary:
     rss_start, t_load = rss_mb(), time.perf_counter()
@@ -622,8 +623,8 @@ def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pipe, signum = None, None
         try:  # from here on every end (Ctrl-C, SIGTERM, a failure) closes the sinks and writes summary.json
-            pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms, workers,
-                            keep_images=annotate, on_progress=on_progress, localiser=localiser,
+            pipe = Pipeline(src, clf, sinks, labeller, pre, localiser_config, max_batch, max_delay_ms,
+                            workers, keep_images=annotate, on_progress=on_progress, localiser=localiser,
                             monitor=DriftMonitor.for_bundle(bundle))
             pipe.run()
         except KeyboardInterrupt as exc:  # a third Ctrl-C, or one that came just before/after the run
@@ -641,7 +642,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; systemd/Docker stop: b
 @contextlib.contextmanager
 def _signals_call(handler):
     """Route SIGINT and SIGTERM to `handler` while the block runs. A handler cannot be raised into the
-    middle of the main thread's bookkeeping the way KeyboardInterrupt can. Only the main thread may do this."""
+    middle of the main thread's bookkeeping the way KeyboardInterrupt can. Only the main thread may do
+    this."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -660,7 +662,8 @@ def _signals_deferred():
 
 
 def _close_sinks(sinks: list[Sink], summary: dict) -> None:
-    """Each sink gets the summary; one failing (full disk) is logged in one line and does not stop the others."""
+    """Each sink gets the summary; one failing (full disk) is logged in one line and does not stop the
+    others."""
     for sink in sinks:
         try:
             sink.close(summary)

@@ -1,8 +1,8 @@
 """Stream sinks: where classified cells go. Each sink gets every `FrameResult` in stream order.
 
 Sinks write as they go and are flushed by the pipeline about once a second and on Ctrl-C, so a run
-that is stopped keeps everything already classified. A write that fails (full disk, folder gone) raises
-an OSError naming the sink's file (`write_failed`), which ends the run as `failed`. None of them keeps a per-frame history in RAM:
+that is stopped keeps everything already classified. A write that fails (full disk, folder gone)
+raises an OSError naming the sink's file (`write_failed`), which ends the run as `failed`. None of them keeps a per-frame history in RAM:
 counts are counters, galleries are fixed-size reservoirs, everything else goes straight to disk.
 """
 from __future__ import annotations
