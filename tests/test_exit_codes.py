@@ -122,6 +122,15 @@ def test_a_second_run_on_a_locked_out_is_refused_and_touches_nothing(cells, fram
     assert _snapshot(out) == before and not (out / LOCK_NAME).exists()
 
 
+def test_train_refuses_a_bundle_directory_in_use(cells, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    out = tmp_path / "bundle"
+    with claim(out):
+        _one_line_error(_cli("train", "--data", cells, "--out", out, "--epochs", "1"), out, f"PID {os.getpid()}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # no checkpoint, no log written
+
+
 def test_a_lock_left_by_a_dead_run_is_taken_over(cells, sample_bundle, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

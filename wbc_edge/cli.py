@@ -115,13 +115,16 @@ def train(config_path, sets, classes, **opts):
     """Train an ensemble bundle on labelled cells (needs the `train` extra)."""
     import yaml
 
+    from .outdir import claim
     from .trainer.config import load_config
     from .trainer.loop import train as run_train
 
     extra = dict(s.split("=", 1) for s in sets)
     opts.update({k.replace("-", "_"): yaml.safe_load(v) for k, v in extra.items()})
     opts["classes"] = classes.split(",") if classes else None
-    bundle = run_train(load_config(config_path, **opts))
+    cfg = load_config(config_path, **opts)
+    with claim(cfg.out):  # one training run per bundle directory (a second would mix checkpoints)
+        bundle = run_train(cfg)
     summary = bundle.extra["training"]
     best = summary["best_val_macro_f1"]
     click.echo(f"bundle: {bundle.root} ({len(bundle.members)} member(s), {summary['n_train']} training images, "
