@@ -684,7 +684,17 @@ def _write_summary(out: Path, summary: StreamSummary) -> None:
 
 
 def _finish(pipe, src, signum, sinks, out: Path, rss_start: float, **info) -> StreamSummary:
-    """Summary, then close every sink, then summary.json."""
+    """Summary, then close every sink, then summary.json; a signal meanwhile waits until they are written."""
+    with _signals_deferred():
+        summary = _summary_of(pipe, src, signum, sinks, out, **info)
+        summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})  # for report.html
+        _close_sinks(sinks, summary.to_dict())
+        summary.rss_mb["end"] = round(rss_mb(), 1)  # summary.json: after the sinks closed
+        _write_summary(out, summary)
+    return summary
+
+
+def _summary_of(pipe, src, signum, sinks, out: Path, **info) -> StreamSummary:
     status, error = _status(pipe, src, signum)
     diff = next(s for s in sinks if isinstance(s, DifferentialCount))
     if pipe is not None:  # the final state of the site monitor, in differential.json and the summary
@@ -694,9 +704,4 @@ def _finish(pipe, src, signum, sinks, out: Path, rss_start: float, **info) -> St
     summary.review = {"saved": review.saved, "dropped": review.dropped}
     names = ("cells.jsonl", "cells.csv", "frames.jsonl", "differential.json", "review", "summary.json")
     summary.outputs = {n: str(out / n) for n in names}
-    summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
-    with _signals_deferred():
-        _close_sinks(sinks, summary.to_dict())
-        summary.rss_mb.update({"start": round(rss_start, 1), "end": round(rss_mb(), 1)})
-        _write_summary(out, summary)
     return summary
