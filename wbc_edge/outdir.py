@@ -125,7 +125,11 @@ class _Lock:
         self.path, self.fd = out / LOCK_NAME, None
 
     def acquire(self) -> None:
-        import fcntl  # POSIX; the edge devices this runs on (Linux, Jetson) all have it
+        try:
+            import fcntl  # POSIX; the edge devices this runs on (Linux, Jetson) all have it
+        except ImportError:
+            log.warning("%s: no file locks on this system; not protected against a second run", self.path.parent)
+            return
 
         while True:
             fd = self._open()
