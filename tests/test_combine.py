@@ -83,3 +83,13 @@ def test_cli_combines_and_refuses_bad_weights(sources, tmp_path):
     r = CliRunner().invoke(main, ["combine", a, b, "--out", str(tmp_path / "ens"), "--weights", "2,1"])
     assert r.exit_code == 0, r.output
     assert "2 members" in r.output and [m.weight for m in Bundle.load(tmp_path / "ens").members] == [2.0, 1.0]
+
+
+def test_an_out_folder_in_use_is_refused(sources, tmp_path):
+    from wbc_edge.outdir import OutputDirError, claim
+
+    with claim(tmp_path / "ens"):  # another run holds it
+        with pytest.raises(OutputDirError, match="in use by another wbc-edge run"):
+            combine([sources["a"].root, sources["b"].root], tmp_path / "ens")
+        with pytest.raises(OutputDirError, match="in use"):
+            adapt(sources["a"].root, sources["tmp"] / "site.csv", tmp_path / "ens")

@@ -15,6 +15,7 @@ from wbc_edge.data import datasets
 from wbc_edge.data.degrade import degrade_dataset
 from wbc_edge.data.images import ImageReadError, decode_image, read_image
 from wbc_edge.data.inventory import byte_chunks, list_inputs
+from wbc_edge.edge.pipeline import run_stream
 from wbc_edge.edge.sources import FileSource, WatchSource
 
 
@@ -64,6 +65,22 @@ def test_huge_png_is_refused_from_its_header(tmp_path, monkeypatch):
     with pytest.raises(ImageReadError, match="too large"):
         read_image(small)
     assert read_image(small, limit=10_000).shape == (40, 40, 3)
+
+
+def test_cli_max_pixels_refuses_what_is_over_it(sample_dir, sample_bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from wbc_edge.cli import main
+
+    monkeypatch.setenv("WBC_EDGE_MAX_PIXELS", "50000000")  # restored after the test: the option sets it
+    cells = tmp_path / "cells" / "LY"
+    cells.mkdir(parents=True)
+    for p in sorted((sample_dir / "cells" / "LY").iterdir())[:2]:  # PNG: refused (a JPEG is decoded smaller)
+        cv2.imwrite(str(cells / f"{p.stem}.png"), cv2.imread(str(p)))
+    r = CliRunner().invoke(main, ["--max-pixels", "1000", "evaluate", str(tmp_path / "cells"), "--bundle",
+                                  str(sample_bundle), "--out", str(tmp_path / "out")])
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("too large" in (r_.get("error") or "") for r_ in rows), (r.output, rows)
 
 
 def test_large_jpeg_is_decoded_at_reduced_size(sample_dir):
@@ -126,10 +143,18 @@ def test_evaluate_and_stream_list_the_same_files(linked_folder):
     assert "LICENSE" not in frames
 
 
-def test_sample_frames_license_is_not_an_unreadable_frame(sample_dir):
+def test_sample_frames_license_is_not_an_unreadable_frame(sample_dir, sample_bundle, tmp_path):
     src = FileSource(str(sample_dir / "frames"))
     assert not any(p.endswith("LICENSE") for p in src.paths)
     assert any(s.path.endswith("LICENSE") for s in src.skipped)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(sorted((sample_dir / "frames").rglob("*.jpg"))[0], frames)
+    shutil.copy(sample_dir / "frames" / "LICENSE", frames)
+    s = run_stream(frames, sample_bundle, tmp_path / "out")  # the stream's summary names what it skipped
+    assert s.frames == 1 and s.errors["count"] == 0
+    assert [os.path.basename(x["path"]) for x in s.skipped] == ["LICENSE"] and s.skipped[0]["reason"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["skipped"] == s.skipped
 
 
 # ---- defect 8 (watch mode) -------------------------------------------------------------------------

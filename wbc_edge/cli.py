@@ -76,15 +76,23 @@ def _fail(exc: Exception):
 @click.option("-v", "--verbose", is_flag=True, help="log progress details")
 @click.option("--trust-unsigned", is_flag=True,
               help="run bundles whose manifest carries no checksum of itself (sets WBC_EDGE_TRUST_UNSIGNED=1)")
-def main(verbose: bool, trust_unsigned: bool) -> None:
+@click.option("--max-pixels", type=click.IntRange(min=1),
+              help="largest image decoded at full size (default 50 MP; larger JPEGs are decoded reduced, "
+                   "others refused; sets WBC_EDGE_MAX_PIXELS)")
+def main(verbose: bool, trust_unsigned: bool, max_pixels: int | None) -> None:
     """Classify white blood cells in blood-smear images, at the edge."""
+    import os
+
+    from .bundle import TRUST_ENV
+    from .data.images import MAX_PIXELS_ENV
+
     _setup_logging(verbose)
-    if trust_unsigned:  # read by Bundle.load, so every command and library call sees it without plumbing
-        import os
-
-        from .bundle import TRUST_ENV
-
+    # read where they apply (Bundle.load, the image reader), so every command and library call sees
+    # them without plumbing
+    if trust_unsigned:
         os.environ[TRUST_ENV] = "1"
+    if max_pixels:
+        os.environ[MAX_PIXELS_ENV] = str(max_pixels)
 
 
 def _views_option(ctx, param, value):

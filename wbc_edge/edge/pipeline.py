@@ -75,6 +75,7 @@ class StreamSummary:
     frames: int = 0
     cells: int = 0
     errors: dict = field(default_factory=dict)  # {"count", "examples": first few {source, index, error}}
+    skipped: list = field(default_factory=list)  # found beside the inputs but no image: {path, reason}
     restored_frames: int = 0  # frames/crops the impulse guard restored (their rows say so)
     scales: dict = field(default_factory=dict)  # per slide: the last scale its cells got (um/px, source)
     drift: dict = field(default_factory=dict)  # the site monitor: score per slide, alarm, reliable, reason
@@ -619,7 +620,8 @@ def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max
         pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
-                "load_s": round(time.perf_counter() - t_load, 3)}
+                "load_s": round(time.perf_counter() - t_load, 3),
+                "skipped": [asdict(s) for s in getattr(src, "skipped", [])]}
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pipe, signum = None, None
         try:  # from here on every end (Ctrl-C, SIGTERM, a failure) closes the sinks and writes summary.json

@@ -131,8 +131,10 @@ def write_report(path, summary: dict, gallery: dict[str, list[dict]], flagged: l
             f"<h2>Cells by class</h2>{_gallery(gallery)}{_site_monitor(summary)}"
             f"<h2>Run</h2>{_run_table(summary)}"
             f"{_errors(summary)}")
-    path.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>wbc-edge report</title>"
-                    f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
+    from .sinks import atomic_write_text  # a full disk leaves the previous report, not half of this one
+
+    atomic_write_text(path, f"<!doctype html><html><head><meta charset=utf-8><title>wbc-edge report</title>"
+                            f"<style>{_CSS}</style></head><body>{body}</body></html>\n")
     return path
 
 

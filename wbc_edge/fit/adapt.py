@@ -28,6 +28,7 @@ from .._optional import require
 from ..bundle import Bundle, BundleError, read_manifest
 from ..data.datasets import CellDataset, LoadError, Sample, open_dataset
 from ..edge.preprocess import Preprocessor
+from ..outdir import LOCK_NAME, owns_output
 from ..taxonomy import FIVE_PART
 
 log = logging.getLogger("wbc_edge.adapt")
@@ -239,7 +240,7 @@ def copy_bundle(bundle: Bundle, out) -> tuple[Bundle, list[str]]:
     out, src = Path(out), bundle.root.resolve()
     if out.resolve() == src:
         raise ValueError(f"{out}: adapt writes a new bundle; --out must not be the source bundle")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new --out directory")
     stale = stale_files(bundle)
     shutil.copytree(src, out, dirs_exist_ok=True,
@@ -308,6 +309,7 @@ def provenance(src: Bundle, new: Bundle, site: SiteCells, members: list, dropped
     }
 
 
+@owns_output("out")
 def adapt(bundle_dir, cells, out, labels=None, pixel_size: float | None = None, scale_per: str = "slide",
           batch_size: int = 64, seed: int = 0, head_steps: int = HEAD_STEPS) -> Bundle:
     """Write `out`: the bundle in `bundle_dir` adapted to the site of `cells` (and `labels`, few-shot)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle, Member
+from ..outdir import LOCK_NAME, owns_output
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _close(first: Bundle, other: Bundle, section: str, key: str, tolerance: floa
     return [f"{section}.{key}: {first.root} {a} used ({other.root}: {b})"] if a != b else []
 
 
+@owns_output("out")
 def combine(sources, out, weights=None, val=None, drift_cells=None) -> Bundle:
     """Write the ensemble of every member of `sources` (bundle dirs) to `out` -> the new bundle.
     `weights`: one per source (its members' ensemble weights are scaled by it); `val`: labelled held-out
@@ -67,7 +69,7 @@ def combine(sources, out, weights=None, val=None, drift_cells=None) -> Bundle:
     if len(weights) != len(bundles) or min(weights) < 0 or not sum(weights) > 0:
         raise ValueError(f"weights {weights}: one non-negative weight per bundle, not all zero")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ValueError(f"{out}: exists and is not empty; choose a new --out directory")
     notes = check_compatible(bundles)
     out.mkdir(parents=True, exist_ok=True)
