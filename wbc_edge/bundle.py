@@ -377,7 +377,9 @@ class Bundle:
     def extra_files(self) -> list[str]:
         """Files named outside the members: the fused graph, refinement phase 2's embedder and prototypes."""
         verify = self.extra.get("refine", {}).get("verify", {})
-        return [f for f in (self.extra.get("fused", {}).get("onnx"), verify.get("onnx"), verify.get("prototypes")) if f]
+        fused = self.extra.get("fused", {})
+        return [f for f in (fused.get("onnx"), *fused.get("artifacts", {}).values(), verify.get("onnx"),
+                            verify.get("prototypes")) if f]
 
     def save(self) -> Path:
         self.validate()  # a bundle that load() would refuse is never written

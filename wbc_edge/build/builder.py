@@ -53,6 +53,10 @@ def calibrate_int8(bundle: Bundle, key: str, scheme: str, calib=None, val=None, 
         raise ValueError(f"{key} needs --calib DIR: real cells to calibrate on")
     images = calibration_images(bundle, calib, n_calib)
     tag = scheme if quantizer == "ort" else quantizer
+    # a fused graph of the previous `key` graphs is stale now (`build --target onnx --fuse` remakes it)
+    stale = bundle.extra.get("fused", {}).get("artifacts", {}).pop(key, None)
+    if stale:
+        bundle.path(stale).unlink(missing_ok=True)
     for m in bundle.members:
         m.artifacts[key] = f"{m.name}.int8-{tag}.onnx"
         quantize_member(bundle, m, images, m.artifacts[key], calib_method, scheme)

@@ -28,8 +28,14 @@ def torch_vs_ort(bundle, images: np.ndarray) -> list[dict]:
 
 
 def fused_vs_members(bundle, images: np.ndarray) -> dict:
-    """The fused ensemble graph against the weighted mean of its members run one by one."""
+    """The fused ensemble graph against the weighted mean of its members run one by one, each on the
+    views the fused graph has built in (stacked here, averaged here)."""
+    from ..edge import tta
+
+    views = bundle.extra["fused"].get("views", ["id"])
+    x = tta.expand(images, views)
     w = np.asarray([m.weight for m in bundle.members], np.float64)
-    mean = sum(wi * ort_probs(bundle.path(m.onnx), images) for wi, m in zip(w / w.sum(), bundle.members))
+    mean = sum(wi * tta.merge(ort_probs(bundle.path(m.onnx), x), len(views))
+               for wi, m in zip(w / w.sum(), bundle.members))
     diff = float(np.abs(ort_probs(bundle.path(bundle.extra["fused"]["onnx"]), images) - mean).max())
     return {"check": "fused-vs-members", "max_abs": diff, "ok": diff <= TOLERANCE["fp32"]}

@@ -1,4 +1,7 @@
-"""The ensemble classifier: bundle members x TTA views, averaged with the bundle's weights."""
+"""The ensemble classifier: bundle members x TTA views, averaged with the bundle's weights.
+
+With a fused graph (`wbc-edge build --target onnx --fuse`) that holds this run's views, one runner call
+takes the uint8 cells and returns the averaged probabilities: no view copies, no per-member calls."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,16 +26,32 @@ class EnsembleClassifier:
         # member's TensorRT engine (`_engine`) when one is built; the ONNX graph is the ORT fallback.
         cuda_fp16 = device == "cuda" and precision == "fp16"
         self.artifact = artifact or (None if precision == "fp32" or cuda_fp16 else f"ort-{precision}")
-        # one engine call for the whole ensemble when the bundle has a fused FP32 graph
-        self.fused = fused and self.artifact is None and precision == "fp32" and "fused" in bundle.extra
         # checked here, before any runner starts or any output is made (the bundle's own are checked at load)
         self.views = tta.check_views(views) if views is not None else bundle.views
+        # one engine call for the whole ensemble (views and members inside) when the bundle has a fused
+        # graph for this precision; an explicit `artifact` (the INT8 check against FP32) runs the members
+        self.fused_graph, self.views_inside = self._fused(fused and artifact is None)
+        self.fused = self.fused_graph is not None
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         if not (np.isfinite(weights).all() and (weights >= 0).all() and 0 < weights.sum() < np.inf):
             raise ValueError(f"{bundle.root}: member weights {weights.tolist()} cannot be averaged")
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
+
+    def _fused(self, wanted: bool) -> tuple[str | None, bool]:
+        """(the fused graph to run or None, whether it applies this run's TTA views itself). A fused graph
+        with other views than this run's is not used (its views are built in), unless it has only the
+        identity (older fused graphs): then the views are stacked here, as for the members."""
+        spec = self.bundle.extra.get("fused") if wanted else None
+        # on CUDA, FP16/INT8 run each member's TensorRT engine; the fused graph is for ORT
+        if not spec or (self.device == "cuda" and self.precision != "fp32"):
+            return None, False
+        graph = spec["onnx"] if self.artifact is None else spec.get("artifacts", {}).get(self.artifact)
+        inside = list(spec.get("views", ["id"]))
+        if graph is None or inside not in (self.views, ["id"]):
+            return None, False
+        return graph, inside == self.views and inside != ["id"]
 
     def _graph(self, member) -> str:
         if self.artifact is None:
@@ -55,8 +74,7 @@ class EnsembleClassifier:
 
     def activate(self) -> "EnsembleClassifier":
         if self.fused:
-            self.runners = [open_runner(self.bundle.path(self.bundle.extra["fused"]["onnx"]), self.device,
-                                        threads=self.threads)]
+            self.runners = [open_runner(self.bundle.path(self.fused_graph), self.device, threads=self.threads)]
             self.weights = np.ones(1)
             return self
         self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, engine_path=self._engine(m),
@@ -87,6 +105,8 @@ class EnsembleClassifier:
         return probs if self.temperature == 1.0 else apply_temperature(probs, self.temperature)
 
     def _predict_chunk(self, batch: np.ndarray) -> np.ndarray:
-        views = tta.expand(batch, self.views)
+        if self.views_inside:  # the fused graph stacks the views and averages views and members itself
+            return self.runners[0].infer(batch).astype(np.float32, copy=False)
+        views = batch if self.views == ["id"] else tta.expand(batch, self.views)
         probs = sum(w * tta.merge(r.infer(views), len(self.views)) for w, r in zip(self.weights, self.runners))
-        return probs.astype(np.float32)
+        return probs.astype(np.float32, copy=False)

@@ -229,9 +229,9 @@ def fit_labelled_head(model, bundle: Bundle, shots: SiteCells, steps: int = HEAD
 # ---- the new bundle --------------------------------------------------------------------------------
 def stale_files(bundle: Bundle) -> set[str]:
     """Files built from the old member graphs: INT8 graphs, engines, the fused ensemble graph."""
-    fused = bundle.extra.get("fused", {}).get("onnx")
-    built = {f for m in bundle.members for f in m.artifacts.values()}
-    return built | ({fused} if fused else set()) | {"engines"}
+    fused = bundle.extra.get("fused", {})
+    built = {f for m in bundle.members for f in m.artifacts.values()} | set(fused.get("artifacts", {}).values())
+    return built | ({fused["onnx"]} if fused.get("onnx") else set()) | {"engines"}
 
 
 def copy_bundle(bundle: Bundle, out) -> tuple[Bundle, list[str]]:

@@ -1,0 +1,103 @@
+"""The fused ensemble graph: TTA views, members and their averaging in one ONNX Runtime call.
+
+Speed is in benchmarks/throughput.py; here: the graph's views are exactly `tta.expand`, and the fused
+path gives the same classes (and probabilities to float precision) as the members run one by one."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from wbc_edge.build.builder import build
+from wbc_edge.build.fuse import view_nodes, view_steps
+from wbc_edge.bundle import Bundle
+from wbc_edge.data.datasets import from_image_folder
+from wbc_edge.edge import tta
+from wbc_edge.edge.classifier import EnsembleClassifier
+from wbc_edge.edge.preprocess import Preprocessor
+from wbc_edge.edge.runners import OrtRunner
+
+D4 = list(tta.VIEWS)
+
+
+@pytest.fixture(scope="module")
+def cells(sample_dir, sample_bundle):
+    """Model-input cells of every sample cell, through the bundle's own preprocessor."""
+    b = Bundle.load(sample_bundle)
+    return Preprocessor.for_bundle(b).load(from_image_folder(sample_dir / "cells"))[0]
+
+
+def _fused_copy(src, dst, views) -> Bundle:
+    import shutil
+
+    shutil.copytree(src, dst)
+    b = Bundle.load(dst)
+    b.extra["tta"] = {"views": list(views)}
+    b.save()
+    return build(dst, "onnx", fuse=True)
+
+
+def test_graph_views_are_the_numpy_views(tmp_path, cells):
+    """Every D4 view the graph builds (Transpose / reversed Slice on uint8 NHWC) equals tta.view, view-major."""
+    assert view_steps("rot270_flip") == [("swap",)]  # cancelled flips: a transpose alone
+    nodes, inits, out = view_nodes(D4)
+    size = cells.shape[1]
+    graph = helper.make_graph(nodes, "views", [helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                                                              ["b", size, size, 3])],
+                              [helper.make_tensor_value_info(out, TensorProto.UINT8, ["vb", size, size, 3])], inits)
+    path = tmp_path / "views.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    import onnxruntime as ort
+
+    x = cells[:5]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    assert got.dtype == np.uint8 and np.array_equal(got, tta.expand(x, D4))
+
+
+@pytest.mark.parametrize("views", [["id", "flip"], D4])
+def test_fused_gives_the_classes_of_the_members(tmp_path, sample_bundle, cells, views):
+    """Same classes on all 330 sample cells, fused (one call: views, members, means inside) vs the
+    members with NumPy views; and the fused graph reads the view list from the bundle."""
+    b = _fused_copy(sample_bundle, tmp_path / "b", views)
+    assert b.extra["fused"]["views"] == views
+    assert onnx.load(str(b.path(b.extra["fused"]["onnx"]))).metadata_props  # views recorded in the graph too
+    reloaded = Bundle.load(tmp_path / "b")
+    with EnsembleClassifier(reloaded) as fused, EnsembleClassifier(reloaded, fused=False) as apart:
+        assert fused.fused and fused.views_inside and len(fused.runners) == 1
+        p_fused, p_apart = fused.predict(cells), apart.predict(cells)
+    assert np.array_equal(p_fused.argmax(1), p_apart.argmax(1))
+    assert np.abs(p_fused - p_apart).max() < 1e-5
+    # and the shipped bundle itself (no fused graph) agrees on its own views
+    if views == Bundle.load(sample_bundle).views:
+        with EnsembleClassifier(Bundle.load(sample_bundle)) as shipped:
+            assert not shipped.fused
+            assert np.array_equal(shipped.predict(cells).argmax(1), p_fused.argmax(1))
+
+
+def test_other_views_than_the_fused_ones_run_the_members(tmp_path, sample_bundle, cells):
+    b = _fused_copy(sample_bundle, tmp_path / "b", ["id", "flip"])
+    with EnsembleClassifier(b, views=["id", "rot90"]) as other, EnsembleClassifier(b, views=["id", "rot90"],
+                                                                                   fused=False) as apart:
+        assert not other.fused and len(other.runners) == len(b.members)
+        assert np.array_equal(other.predict(cells[:40]), apart.predict(cells[:40]))
+
+
+def test_int8_members_are_fused_too(tmp_path, sample_bundle, sample_dir, cells):
+    """`build --target ort-int8` then `--fuse`: the INT8 members fused with the views; a new INT8 build
+    drops the stale fused INT8 graph."""
+    import shutil
+
+    shutil.copytree(sample_bundle, tmp_path / "b", ignore=shutil.ignore_patterns("*.int8*"))
+    build(tmp_path / "b", "ort-int8", calib=sample_dir / "cells", n_calib=32, max_f1_drop=1.0)
+    b = build(tmp_path / "b", "onnx", fuse=True)
+    fused_int8 = b.extra["fused"]["artifacts"]["ort-int8"]
+    reloaded = Bundle.load(tmp_path / "b")  # checksummed like the other files
+    x = cells[:64]
+    with EnsembleClassifier(reloaded, precision="int8") as fused, \
+            EnsembleClassifier(reloaded, precision="int8", fused=False) as apart:
+        assert fused.views_inside and fused.runners[0].name.endswith(fused_int8)
+        assert np.array_equal(fused.predict(x).argmax(1), apart.predict(x).argmax(1))
+    with OrtRunner(reloaded.path(fused_int8)) as r:
+        assert r.infer(x).shape == (64, len(reloaded.classes))
+    build(tmp_path / "b", "ort-int8", calib=sample_dir / "cells", n_calib=32, max_f1_drop=1.0)
+    assert "ort-int8" not in Bundle.load(tmp_path / "b").extra["fused"]["artifacts"]
+    assert not (tmp_path / "b" / fused_int8).exists()
