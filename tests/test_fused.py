@@ -101,3 +101,32 @@ def test_int8_members_are_fused_too(tmp_path, sample_bundle, sample_dir, cells):
     build(tmp_path / "b", "ort-int8", calib=sample_dir / "cells", n_calib=32, max_f1_drop=1.0)
     assert "ort-int8" not in Bundle.load(tmp_path / "b").extra["fused"]["artifacts"]
     assert not (tmp_path / "b" / fused_int8).exists()
+
+
+def _anchor_per_pixel(batch, reference):
+    """The colour anchor as first written (NaN-padded medians, float arithmetic per pixel): the oracle
+    for the per-image medians and lookup tables the preprocessor now uses."""
+    px = batch.reshape(len(batch), -1, 3).astype(np.float32)
+    total = px.sum(-1)
+
+    def med(mask):
+        return np.nanmedian(np.where(mask[..., None], px, np.nan), axis=1)
+
+    bg = med(total >= np.percentile(total, 90.0, axis=1, keepdims=True))
+    dark = med(total <= np.percentile(total, 2.0, axis=1, keepdims=True))
+    ref_bg, ref_dark = (np.asarray(reference[k], np.float32) for k in ("background", "dark"))
+    gain = (ref_bg - ref_dark) / np.maximum(bg - dark, 8.0)
+    out = ref_dark + (batch.astype(np.float32) - dark[:, None, None, :]) * gain[:, None, None, :]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def test_fast_colour_anchor_is_bit_identical(sample_bundle, sample_dir):
+    from wbc_edge.edge.anchor import anchor
+
+    b = Bundle.load(sample_bundle)
+    pre = Preprocessor.for_bundle(b)
+    pre.anchor = None  # the canonical cells before the colour step
+    raw = pre.load(from_image_folder(sample_dir / "cells"))[0]
+    flat = np.full((2, *raw.shape[1:]), 200, np.uint8)  # a blank image: the range floor, no stretch
+    x = np.concatenate([raw, flat])
+    assert np.array_equal(anchor(x, b.extra["anchor"]), _anchor_per_pixel(x, b.extra["anchor"]))
