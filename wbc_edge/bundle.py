@@ -199,13 +199,16 @@ def _validate_members(where, members: list[Member]) -> None:
                                          f"got {[m.weight for m in members]}")
 
 
-def _validate_runtime_sections(where, extra: dict) -> None:
-    """The sections the classifier reads besides classes, preprocessing and members."""
+def _check_view_list(where, name: str, views) -> None:
     from .edge.tta import VIEWS  # the view names the runtime can apply
 
-    views = _dict(where, "tta", extra.get("tta", {})).get("views", ["id"])
     if not isinstance(views, list) or not views or not all(isinstance(v, str) and v in VIEWS for v in views):
-        _fail(where, "tta.views", f"must be a non-empty list of views among {list(VIEWS)}, got {views!r:.80}")
+        _fail(where, name, f"must be a non-empty list of views among {list(VIEWS)}, got {views!r:.80}")
+
+
+def _validate_runtime_sections(where, extra: dict) -> None:
+    """The sections the classifier reads besides classes, preprocessing and members."""
+    _check_view_list(where, "tta.views", _dict(where, "tta", extra.get("tta", {})).get("views", ["id"]))
     t = _dict(where, "confidence", extra.get("confidence"), default={}).get("temperature", 1.0)
     lo, hi = TEMPERATURE_RANGE
     if not _is_number(t) or not lo <= t <= hi:
@@ -222,6 +225,9 @@ def _validate_fused(where, extra: dict, members: list[Member]) -> None:
     if fused.get("members", names) != names:
         _fail(where, "fused.members", f"{fused.get('members')!r:.80} differs from the members {names}; "
                                       "rebuild it with `wbc-edge build --target onnx --fuse`")
+    for key, f in _dict(where, "fused.artifacts", fused.get("artifacts", {})).items():
+        _file(where, f"fused.artifacts.{key}", f)
+    _check_view_list(where, "fused.views", fused.get("views", ["id"]))
     weights = fused.get("weights", [m.weight for m in members])
     if not _close_lists(weights, [m.weight for m in members]):
         _fail(where, "fused.weights", f"{weights!r:.80} differ from the members' weights "
@@ -317,18 +323,26 @@ class Bundle:
         for m in self.members:
             for f in dict.fromkeys(f for f in (m.onnx, *m.artifacts.values()) if f and f.endswith(".onnx")):
                 self._check_graph(f, graph_metadata(self.path(f)), m.name)
-        fused = self.extra.get("fused", {}).get("onnx")
-        if fused:
-            meta = graph_metadata(self.path(fused))
-            self._check_graph(fused, meta, None)
-            names = [m.name for m in self.members]
-            if "members" in meta and _meta_json(meta, "members", fused) != names:
-                raise BundleError(f"{self.root}: {fused} fuses members {meta['members']}, the manifest "
-                                  f"lists {names}; rebuild it with `wbc-edge build --target onnx --fuse`")
-            weights = [m.weight for m in self.members]
-            if "ensemble_weights" in meta and not _close_lists(_meta_json(meta, "ensemble_weights", fused), weights):
-                raise BundleError(f"{self.root}: {fused} has weights {meta['ensemble_weights']} built in, the "
-                                  f"manifest's members say {weights}; rebuild it with `wbc-edge build --fuse`")
+        fused = self.extra.get("fused", {})
+        for f in [fused["onnx"], *fused.get("artifacts", {}).values()] if fused else []:
+            self._check_fused_graph(f, graph_metadata(self.path(f)))
+
+    def _check_fused_graph(self, name: str, meta: dict) -> None:
+        """A fused graph has the members, their weights and the TTA views built in: all must be the manifest's."""
+        self._check_graph(name, meta, None)
+        rebuild = "rebuild it with `wbc-edge build --target onnx --fuse`"
+        names = [m.name for m in self.members]
+        if "members" in meta and _meta_json(meta, "members", name) != names:
+            raise BundleError(f"{self.root}: {name} fuses members {meta['members']}, the manifest lists {names}; "
+                              f"{rebuild}")
+        weights = [m.weight for m in self.members]
+        if "ensemble_weights" in meta and not _close_lists(_meta_json(meta, "ensemble_weights", name), weights):
+            raise BundleError(f"{self.root}: {name} has weights {meta['ensemble_weights']} built in, the "
+                              f"manifest's members say {weights}; {rebuild}")
+        views = self.extra["fused"].get("views", ["id"])
+        if "views" in meta and _meta_json(meta, "views", name) != views:
+            raise BundleError(f"{self.root}: {name} has TTA views {meta['views']} built in, the manifest's "
+                              f"'fused.views' say {views}; {rebuild}")
 
     def _check_graph(self, name: str, meta: dict, member: str | None) -> None:
         where = f"{self.root}: {name}"
