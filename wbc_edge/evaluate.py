@@ -17,6 +17,7 @@ from . import metrics
 from .bundle import Bundle
 from .data.datasets import open_dataset
 from .data.wbcbench import write_submission
+from .edge import tta
 from .edge.classifier import EnsembleClassifier
 from .edge.drift import DriftMonitor, RecordingClassifier, flag_row
 from .edge.offline import classify_dataset, write_jsonl
@@ -40,6 +41,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     cells' physical scale is `pixel_size` (um/px) when given, else estimated per slide (the dataset, or
     its `group` column) or per image (`scale_per`)."""
     bundle = Bundle.load(bundle_dir)
+    views = tta.check_views(views) if views is not None else None  # refused before any cell is read
     ds = open_dataset(data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

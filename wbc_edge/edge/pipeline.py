@@ -31,6 +31,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..taxonomy import RARE_CODES
+from . import tta
 from .classifier import EnsembleClassifier
 from .drift import NO_STATISTICS, DriftMonitor, flag_row
 from .preprocess import Preprocessor
@@ -521,7 +522,7 @@ def _make_sinks(out: Path, classes: list[str], source: Source, annotate: bool, r
 
 
 def _resolve_views(views, bundle: Bundle) -> list[str]:
-    return list(views) if views is not None else list(bundle.extra.get("tta", {}).get("views", ["id"]))
+    return tta.check_views(views) if views is not None else list(bundle.views)
 
 
 def reason(exc: BaseException) -> str:
