@@ -14,7 +14,8 @@ round every red cell, another stain, and red cells packed edge to edge; a fixed 
   1. scale: every length and area is in red-cell diameters (7-8 um in any lab): `rbc_px` is given
      by the caller (a stream pools it per slide), or set in the config, or measured on the frame
      (wbc_edge.edge.scale; BCCD's 91 px if nothing can be measured). The frame is shrunk until a red
-     cell spans `work_rbc_px` (speed; a 2x magnification then gives the same cells);
+     cell spans `work_rbc_px` (speed; a 2x magnification then gives the same cells): a block mean by
+     the largest whole factor first (cheap), the rest with an area resize of the smaller image;
   2. flat field: the frame is divided by its local background colour, a per-channel median over
      `background_window` red cells (a median ignores bright pallor highlights; the window dwarfs a
      nucleus; a second pass leaves stained pixels out). Light falloff, the lamp's colour and white
@@ -64,7 +65,9 @@ class LocaliserConfig:
     """
 
     rbc_px: float | None = None  # red-cell diameter in px of the frames; None: measured on each frame
-    work_rbc_px: float = 48.0  # frames are shrunk (never enlarged) until a red cell spans this many px
+    # frames are shrunk (never enlarged) until a red cell spans this many px. 32, not the 48 the fit ran
+    # at: the same recall and precision (IoU 0.3 and 0.5) on BCCD and Chula, 3x less time per frame
+    work_rbc_px: float = 32.0
     background_window: float = 4.0  # RBC; median window of the local background colour (>> a nucleus)
     blur_sigma: float = 0.12  # RBC; wider than the colour fringes of soft focus (they cancel), < a nucleus
     stained_floor: float = 6.0  # % blueness; the stained cut is never below this ...
@@ -130,6 +133,22 @@ def frame_rbc_px(frame: np.ndarray, cfg: LocaliserConfig, rbc_px: float | None =
     if cfg.rbc_px:
         return float(cfg.rbc_px)
     return estimate_scale(frame).rbc_px or REF_RBC_PX
+
+
+def work_image(frame: np.ndarray, rbc_px: float, work_rbc_px: float) -> np.ndarray:
+    """The frame shrunk (never enlarged) until a red cell spans `work_rbc_px`. First a block mean by the
+    largest whole factor f that keeps a red cell at least that wide (OpenCV's area resize has a fast path
+    for whole ratios: 0.3 ms for a 1440x900 frame against 5 ms for another ratio; the last < f rows and
+    columns are left out), then an area resize of that smaller image the rest of the way."""
+    h, w = frame.shape[:2]
+    f = max(1, min(int(rbc_px // work_rbc_px), h, w))
+    if f > 1:
+        frame = cv2.resize(frame[:h - h % f, :w - w % f], (w // f, h // f), interpolation=cv2.INTER_AREA)
+    k = min(1.0, work_rbc_px * f / rbc_px)
+    if k == 1.0:
+        return frame
+    h, w = frame.shape[:2]
+    return cv2.resize(frame, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
 
 
 def _median(small: np.ndarray, ksize: int, smooth: float) -> np.ndarray:
@@ -298,10 +317,8 @@ def localise(frame: np.ndarray, config: LocaliserConfig | None = None, *, rbc_px
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 HxWx3 frame, got {frame.dtype} {frame.shape}")
     rbc = frame_rbc_px(frame, cfg, rbc_px)
-    k = min(1.0, cfg.work_rbc_px / rbc)  # work where a red cell spans work_rbc_px: same cells, less time
+    work = work_image(frame, rbc, cfg.work_rbc_px)  # where a red cell spans work_rbc_px: same cells, less time
     h, w = frame.shape[:2]
-    work = frame if k == 1.0 else cv2.resize(frame, (max(1, round(w * k)), max(1, round(h * k))),
-                                             interpolation=cv2.INTER_AREA)
     kx, ky = work.shape[1] / w, work.shape[0] / h
     score, stained, nucleus = masks(work, cfg, rbc * kx)
     cells = _merge_overlapping(_candidates(score, stained, nucleus, cfg, rbc * kx), cfg.merge_overlap)
