@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from wbc_edge.build.builder import build
-from wbc_edge.build.fuse import view_nodes, view_steps
+from wbc_edge.build.fuse import view_form, view_nodes
 from wbc_edge.bundle import Bundle
 from wbc_edge.data.datasets import from_image_folder
 from wbc_edge.edge import tta
@@ -38,8 +38,9 @@ def _fused_copy(src, dst, views) -> Bundle:
 
 def test_graph_views_are_the_numpy_views(tmp_path, cells):
     """Every D4 view the graph builds (Transpose / reversed Slice on uint8 NHWC) equals tta.view, view-major."""
-    assert view_steps("rot270_flip") == [("swap",)]  # cancelled flips: a transpose alone
+    assert view_form("rot270_flip") == ("T",) and view_form("rot90") == ("T", "H")
     nodes, inits, out = view_nodes(D4)
+    assert sorted(n.op_type for n in nodes).count("Transpose") == 1  # the views share their prefixes
     size = cells.shape[1]
     graph = helper.make_graph(nodes, "views", [helper.make_tensor_value_info("images", TensorProto.UINT8,
                                                                               ["b", size, size, 3])],
@@ -63,6 +64,10 @@ def test_fused_gives_the_classes_of_the_members(tmp_path, sample_bundle, cells, 
     reloaded = Bundle.load(tmp_path / "b")
     with EnsembleClassifier(reloaded) as fused, EnsembleClassifier(reloaded, fused=False) as apart:
         assert fused.fused and fused.views_inside and len(fused.runners) == 1
+        graph = onnx.load(str(reloaded.path(reloaded.extra["fused"]["onnx"]))).graph
+        # the views sit inside the member, after its normalisation (float NCHW), not on the uint8 input
+        first = next(n for n in graph.node if n.op_type in ("Slice", "Transpose", "Concat") and "tta" in n.output[0])
+        assert first.input[0] != "images"
         p_fused, p_apart = fused.predict(cells), apart.predict(cells)
     assert np.array_equal(p_fused.argmax(1), p_apart.argmax(1))
     assert np.abs(p_fused - p_apart).max() < 1e-5
