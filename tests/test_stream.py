@@ -280,3 +280,17 @@ def test_a_frame_the_localiser_cannot_handle_is_a_row_not_a_crash(frame_files, s
     frames = _jsonl(tmp_path / "out" / "frames.jsonl")
     assert len(frames) == 3 and all(f["error"].startswith("localiser failed") for f in frames)
     assert s.status == "failed" and s.exit_code == 1 and "no readable input" in s.error
+
+
+def test_a_fused_bundle_streams_the_same_cells_and_classes(folder_run, frame_files, sample_bundle, tmp_path):
+    """The fused graph (views and means inside, one call per micro-batch) changes speed, not results:
+    the same boxes, classes and (to float precision) confidences as the shipped bundle's member graph."""
+    from wbc_edge.build.builder import build
+
+    shutil.copytree(sample_bundle, tmp_path / "b")
+    build(tmp_path / "b", "onnx", fuse=True)
+    s = run_stream(frame_files[0].parent, tmp_path / "b", tmp_path / "out")
+    assert s.status == "completed" and s.runner.endswith("ensemble.onnx")
+    ref, got = _jsonl(folder_run[1] / "cells.jsonl"), _jsonl(tmp_path / "out" / "cells.jsonl")
+    assert [(r["frame"], r["box"], r["pred"]) for r in got] == [(r["frame"], r["box"], r["pred"]) for r in ref]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(got, ref)) <= 1e-4

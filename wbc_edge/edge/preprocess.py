@@ -183,10 +183,15 @@ class Preprocessor:
     def frame_cells(self, frame: np.ndarray, boxes, scale: Scale) -> np.ndarray:
         """Canonical cells around each localiser box of a (guarded) frame, before the stain step."""
         out = np.empty((len(boxes), self.size, self.size, 3), np.uint8)
-        fill = background_colour(frame) if len(boxes) else None
+        fill = None  # the smear's background, measured once per frame and only if a window leaves it
+        n, (h, w) = max(1, int(round(self.window_side(scale)))), frame.shape[:2]
         for i, b in enumerate(boxes):
             x0, y0, x1, y1 = b.as_list() if hasattr(b, "as_list") else b
-            out[i] = self.canonical(frame, scale, ((x0 + x1) / 2, (y0 + y1) / 2), fill)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            left, top = int(round(cx - n / 2)), int(round(cy - n / 2))  # as cut_window places it
+            if fill is None and not (left >= 0 and top >= 0 and left + n <= w and top + n <= h):
+                fill = background_colour(frame)
+            out[i] = self.canonical(frame, scale, (cx, cy), fill if fill is not None else (0, 0, 0))
         return out
 
     def load(self, dataset, progress: bool = False, workers: int = 4, max_bytes: int = 256 << 20):
