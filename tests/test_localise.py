@@ -226,3 +226,17 @@ def test_voc_zero_area_boxes_are_reported_not_fatal(tmp_path):
                  "<ymax>5</ymax></bndbox></object></annotation>")  # as in BCCD frames 00338 and 00343
     ann = read_voc(p)
     assert ann.of("RBC") == [] and ann.dropped == [("RBC", (5, 5, 5, 5))]
+
+
+def test_a_megapixel_camera_frame_gets_the_red_cell_scale_of_its_tiles(shared_data):
+    """A 2448x2048 frame (a mosaic of Chula frames, red cells 85 px) seen whole at the circle search's
+    working size hid its red cells (measured 184 px): the central square is measured instead."""
+    from wbc_edge.edge.scale import dominant_diameter, red_cell_diameters
+
+    frames = [read_image(f) for f in sorted((shared_data / "chula-rpi" / "frames").glob("*.jpg"))[:6]]
+    if not frames:
+        pytest.skip("Chula frames are not in ../shared/data")
+    mosaic = np.concatenate([np.concatenate(frames[r * 2:r * 2 + 2], 1) for r in range(3)], 0)[:2048, :2448]
+    tiles = dominant_diameter(np.concatenate([red_cell_diameters(f) for f in frames]))
+    big = dominant_diameter(red_cell_diameters(np.ascontiguousarray(mosaic)))
+    assert 75 < tiles < 95 and abs(np.log(big / tiles)) < np.log(1.1), (tiles, big)

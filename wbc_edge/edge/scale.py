@@ -28,6 +28,10 @@ import numpy as np
 
 RBC_UM = 7.5  # diameter of a normal red cell in um: turns a user's um/px into px per red cell
 WORK_PX = 384  # images are resampled so their longer side is this before the circle search
+# Larger images are measured on their central square of this side. The search finds circles down to
+# 1/30 of the side it sees: a 2448x2048 camera frame seen whole would hide red cells under 82 px (a
+# mosaic of Chula frames, red cells 85 px, measured 184), while 1536 px hold plenty of them.
+MAX_FIELD_PX = 1536
 MIN_CIRCLES = 5  # fewer red cells than this: no estimate from this image
 MIN_SUPPORT = 4  # circles within +-15 % of the mode needed to trust it
 SLIDE_CIRCLES = 200  # a slide's pooled estimate freezes once this many circles were seen
@@ -55,6 +59,10 @@ class Scale:
 def red_cell_diameters(image: np.ndarray) -> np.ndarray:
     """Diameters (px of `image`) of the circular objects of an RGB uint8 image, pallor circles removed."""
     h, w = image.shape[:2]
+    if max(h, w) > MAX_FIELD_PX:  # the central square (a view: nothing copied)
+        y0, x0 = max(0, (h - MAX_FIELD_PX) // 2), max(0, (w - MAX_FIELD_PX) // 2)
+        image = image[y0:y0 + MAX_FIELD_PX, x0:x0 + MAX_FIELD_PX]
+        h, w = image.shape[:2]
     k = WORK_PX / max(h, w)  # a fixed working size keeps the estimate independent of the resolution
     flag = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
     grey = cv2.cvtColor(cv2.resize(image, (max(8, round(w * k)), max(8, round(h * k))), interpolation=flag),
