@@ -29,7 +29,12 @@ EXTRAS = {
     "modelopt": ["nvidia-modelopt[onnx]>=0.47.0"],
     # refinement phase 2 with a MedSigLIP/SigLIP-style image encoder from a local transformers directory
     "embed-hf": ["torch==2.14.1", "transformers>=4.45"],
-    "dev": ["pytest>=8", "scikit-learn>=1.4", "scipy>=1.11", "torchstain>=1.3", "transformers>=4.45"],
+    # `evaluate/stream --server grpc://...`: the client of a Triton Inference Server
+    "triton": ["tritonclient[grpc]>=2.40"],
+    # the tests' real tritonserver comes from nvidia-pytriton, installed by scripts/test with --no-deps
+    # (its numpy<2 pin would replace the core numpy; only its server binary and Python backend are used)
+    "dev": ["pytest>=8", "scikit-learn>=1.4", "scipy>=1.11", "torchstain>=1.3", "transformers>=4.45",
+            "tritonclient[grpc]>=2.40"],
 }
 
 setup(

@@ -154,15 +154,33 @@ def train(config_path, sets, classes, **opts):
 @click.option("--fuse", is_flag=True, help="onnx: also one graph for the whole ensemble (weighted mean)")
 @click.option("--check", "check_data", type=click.Path(exists=True),
               help="parity on these real cells: PyTorch vs ORT FP32 (if torch is installed), fused vs members")
-def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse, check_data):
+@click.option("--out", type=click.Path(file_okay=False), help="triton: the model repository to write")
+@click.option("--triton-backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime",
+              show_default=True, help="triton: onnxruntime_onnx, or ONNX Runtime inside the Python backend")
+@click.option("--instance-kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="triton: instance_group kind")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="triton: model instances")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="triton: max_batch_size in cells (each cell runs every TTA view inside)")
+def build(bundle, target, calib, val, calib_method, max_f1_drop, quantizer, fuse, check_data, out,
+          triton_backend, instance_kind, instances, max_batch):
     """Build deployable artifacts for BUNDLE (no torch needed)."""
     from .build.builder import build as run_build
 
     if quantizer and not TARGETS[target].quantizers:
         raise click.UsageError(f"--quantizer applies to INT8 targets, not {target!r}")
+    if TARGETS[target].writes_out != bool(out):
+        raise click.UsageError(f"target {target} needs --out" if out is None else "--out applies to target triton")
     opts = {"calib": calib, "val": val, "calib_method": calib_method, "max_f1_drop": max_f1_drop,
             "quantizer": quantizer} if TARGETS[target].quantizers else {"fuse": fuse} if target == "onnx" else {}
+    if target == "triton":
+        opts = {"out": out, "backend": triton_backend, "kind": instance_kind, "instances": instances,
+                "max_batch": max_batch}
     b = run_build(bundle, target, check=check_data, **opts)
+    if out:
+        click.echo(f"Triton model repository in {out} (model wbc_edge; serving it: README 'Serving on Triton')")
+        return
     for r in b.extra.get("parity", []) if check_data else []:
         click.echo(f"parity {r.get('member', 'ensemble')} {r['check']}: max abs {r['max_abs']:.2e} "
                    f"{'ok' if r['ok'] else 'FAILED'}")
@@ -182,6 +200,23 @@ def _scale_options(f):
                         help="um per pixel of the input when known (default: estimated from red cells)")(f)
 
 
+def _check_server(ctx, param, value):
+    from .edge.triton_runner import parse_server
+
+    try:
+        if value is not None:
+            parse_server(value)  # checked before any work; the runner parses it again
+        return value
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _server_option(f):
+    return click.option("--server", metavar="grpc://HOST:PORT[/MODEL]", callback=_check_server,
+                        help="classify on a Triton server (a repository from `build --target triton`; "
+                             "its model checksum must match the bundle's; extra `triton`)")(f)
+
+
 @main.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False))
@@ -193,13 +228,14 @@ def _scale_options(f):
 @click.option("--label-map", metavar="NAME|FILE.yaml",
               help="map labels and predictions, e.g. 5part; default: automatic")
 @_scale_options
-def evaluate(data, bundle, out, device, precision, views, refine, label_map, pixel_size, scale_per):
+@_server_option
+def evaluate(data, bundle, out, device, precision, views, refine, label_map, pixel_size, scale_per, server):
     """Score BUNDLE on labelled DATA: per-class table, macro-F1, confusion matrix PNG."""
     from .evaluate import evaluate as run_evaluate
     from .metrics import format_report
 
     rep = run_evaluate(bundle, data, out, device, precision, views, refine=refine,
-                       label_map=label_map, pixel_size=pixel_size, scale_per=scale_per)
+                       label_map=label_map, pixel_size=pixel_size, scale_per=scale_per, server=server)
     if rep["scored_on"] == "model":
         click.echo(format_report(rep))
         click.echo(f"\nmacro-F1 {rep['macro_f1']:.4f} on {rep['n']} cells labelled with the model's classes")
@@ -235,6 +271,7 @@ def evaluate(data, bundle, out, device, precision, views, refine, label_map, pix
 @click.option("--watch-idle", "watch_idle_s", type=float, default=10.0, show_default=True)
 @click.option("--refine/--no-refine", default=True, show_default=True, help="apply the bundle's enabled refinement")
 @_scale_options
+@_server_option
 def stream(source, bundle, out, mode, crops_flag, views, **opts):
     """Classify the white cells in SOURCE: per-cell rows, a differential count, a review queue, a report."""
     from .edge.pipeline import run_stream

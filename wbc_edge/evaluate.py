@@ -35,7 +35,7 @@ log = logging.getLogger("wbc_edge.evaluate")
                          "reliability*.png"))
 def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "fp32", views=None,
              batch_size: int = 64, progress: bool = True, refine: bool = True, label_map=None,
-             pixel_size: float | None = None, scale_per: str = "slide") -> dict:
+             pixel_size: float | None = None, scale_per: str = "slide", server: str | None = None) -> dict:
     """Score the bundle on `data`; inputs whose label can be scored neither on the model's classes nor
     through `label_map` (a name, a YAML file, "none"; None: automatic) are listed, not scored. The
     cells' physical scale is `pixel_size` (um/px) when given, else estimated per slide (the dataset, or
@@ -47,7 +47,8 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
     out.mkdir(parents=True, exist_ok=True)
     pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
     monitor = DriftMonitor.for_bundle(bundle)
-    rows, run = _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine, monitor)
+    rows, run = _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine, monitor,
+                          server)
     drift = _site_monitor(rows, ds, monitor)
     rows += _skipped_rows(ds)
     lmap = choose_label_map(label_map, [r["label"] for r in rows], bundle.classes)
@@ -84,10 +85,10 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
 
 
 def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, refine,
-              monitor=None) -> tuple[list[dict], dict]:
+              monitor=None, server=None) -> tuple[list[dict], dict]:
     """One row per sample of `ds`, and what ran: runner, views, whether refinement was applied. With a
     site `monitor`, each classified row gets its `drift_features` (measured on its model-input cell)."""
-    with EnsembleClassifier(bundle, device, views, precision) as clf:
+    with EnsembleClassifier(bundle, device, views, precision, server=server) as clf:
         refiner = Refiner.for_bundle(bundle, refine, device)
         rec = RecordingClassifier(clf, monitor)
         try:
@@ -95,7 +96,8 @@ def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, r
         finally:
             refiner.close()
         rec.attach([r for r in rows if r.get("pred")])
-        return rows, {"runner": clf.runners[0].name, "refined": refiner.active, "views": clf.views}
+        run = {"runner": clf.runners[0].name, "refined": refiner.active, "views": clf.views}
+        return rows, {**run, "server": clf.server_report} if server else run
 
 
 def _site_monitor(rows, ds, monitor: DriftMonitor) -> dict:

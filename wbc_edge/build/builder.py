@@ -97,7 +97,18 @@ def build_trt_fp16(bundle: Bundle) -> Bundle:
     return engines(bundle)
 
 
-BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8, "trt-fp16": build_trt_fp16, "trt-int8": build_trt_int8}
+def build_triton(bundle: Bundle, out=None, **options) -> Bundle:
+    """A Triton model repository in `out` from the bundle (which is not changed)."""
+    from .triton import write_repository
+
+    if out is None:
+        raise ValueError("target triton needs --out REPO: the model repository to write")
+    write_repository(bundle, out, **options)
+    return bundle
+
+
+BUILDERS = {"onnx": build_onnx, "ort-int8": build_ort_int8, "trt-fp16": build_trt_fp16, "trt-int8": build_trt_int8,
+            "triton": build_triton}
 
 
 def check(bundle: Bundle, data, n: int = 64) -> list[dict]:
@@ -119,6 +130,10 @@ def build(bundle_dir, target: str, **options) -> Bundle:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     bundle = Bundle.load(bundle_dir)
     check_data = options.pop("check", None)
+    if TARGETS[target].writes_out:  # the bundle stays as signed: a repository is checked against its digest
+        BUILDERS[target](bundle, **options)
+        log.info("built %s from %s", target, bundle.root)
+        return bundle
     bundle = BUILDERS[target](bundle, **options)
     if check_data:
         failed = [r for r in check(bundle, check_data) if not r["ok"]]

@@ -17,6 +17,7 @@ class Target:
     description: str
     quantizers: tuple[str, ...] = ()  # INT8 targets: who may make its Q/DQ graph; the first is the default
     calibration: str | None = None  # INT8 targets: the Q/DQ graph's artifact key, also its calibration record
+    writes_out: bool = False  # writes into `build --out` (the bundle is read, not changed)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -26,6 +27,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("trt-fp16", "tensorrt", "fp16", "cuda", "tensorrt", "TensorRT engine, strongly typed FP16"),
     Target("trt-int8", "tensorrt", "int8", "cuda", "tensorrt",
            "TensorRT engine from S8S8 Q/DQ ONNX (--quantizer ort|modelopt)", ("ort", "modelopt"), "trt-int8-onnx"),
+    Target("triton", "triton", "fp32", "cpu/cuda", "core",
+           "Triton model repository in --out: the ensemble with its TTA views as one onnxruntime_onnx "
+           "model (or python backend), a tensorrt_plan per built engine", writes_out=True),
 )}
 
 

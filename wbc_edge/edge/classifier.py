@@ -18,7 +18,8 @@ class EnsembleClassifier:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
                  precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
-                 artifact: str | None = None, fused: bool = True, calibrated: bool = True):
+                 artifact: str | None = None, fused: bool = True, calibrated: bool = True,
+                 server: str | None = None):
         self.bundle, self.device, self.precision = bundle, device, precision
         # the bundle's confidence temperature (1: none); calibrated=False gives the raw ensemble mean
         self.temperature = bundle.temperature if calibrated else 1.0
@@ -32,6 +33,13 @@ class EnsembleClassifier:
         # graph for this precision; an explicit `artifact` (the INT8 check against FP32) runs the members
         self.fused_graph, self.views_inside = self._fused(fused and artifact is None)
         self.fused = self.fused_graph is not None
+        # `grpc://HOST:PORT[/MODEL]`: one Triton model runs members and views (checked against the bundle)
+        self.server = server
+        if server:
+            if precision != "fp32" or artifact:
+                raise ValueError(f"--precision {precision} runs in this process; with --server the server's "
+                                 "model decides (choose one with grpc://HOST:PORT/MODEL)")
+            self.fused_graph, self.fused, self.views_inside = None, False, True
         self.max_batch, self.threads = max_batch, threads
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         if not (np.isfinite(weights).all() and (weights >= 0).all() and 0 < weights.sum() < np.inf):
@@ -73,6 +81,13 @@ class EnsembleClassifier:
         return self.bundle.path(engine) if engine else None
 
     def activate(self) -> "EnsembleClassifier":
+        if self.server:
+            from .triton_runner import TritonRunner  # tritonclient only on this path (extra `triton`)
+
+            runner = TritonRunner(self.server, self.bundle, self.views)
+            runner.activate()
+            self.runners, self.weights = [runner], np.ones(1)
+            return self
         if self.fused:
             self.runners = [open_runner(self.bundle.path(self.fused_graph), self.device, threads=self.threads)]
             self.weights = np.ones(1)
@@ -80,6 +95,11 @@ class EnsembleClassifier:
         self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, engine_path=self._engine(m),
                                     threads=self.threads) for m in self.bundle.members]
         return self
+
+    @property
+    def server_report(self) -> dict | None:
+        """The remote runner's record (model, checksum, requests, outages), kept up to date; None in-process."""
+        return self.runners[0].report if self.server and self.runners else None
 
     def deactivate(self) -> None:
         for r in self.runners:

@@ -96,6 +96,7 @@ class StreamSummary:
     outputs: dict = field(default_factory=dict)
     error: str | None = None
     signal: str | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
+    server: dict | None = None  # --server: the Triton model, its checksum, requests, resent requests, outages
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -580,7 +581,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                review_max: int = 2000, pixel_size: float | None = None, scale_per: str = "slide",
                localiser_config=None, retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
                threads: int | None = None, refine: bool = True,
-               on_progress: Callable[[dict], None] | None = None) -> StreamSummary:
+               on_progress: Callable[[dict], None] | None = None, server: str | None = None) -> StreamSummary:
     """Stream `source` through the localiser and the bundle's ensemble into `out_dir`.
 
     `source` is a video file, a camera index, an RTSP/GStreamer URL, an image folder or glob, a
@@ -596,20 +597,20 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                            low_confidence=low_confidence, rare_min_prob=rare_min_prob, review_max=review_max,
                            pixel_size=pixel_size, scale_per=scale_per, localiser_config=localiser_config,
                            retries=retries, backoff_s=backoff_s, watch_idle_s=watch_idle_s, threads=threads,
-                           refine=refine, on_progress=on_progress)
+                           refine=refine, on_progress=on_progress, server=server)
 
 
 def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
                 annotate, report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
                 pixel_size, scale_per, localiser_config, retries, backoff_s, watch_idle_s, threads, refine,
-                on_progress) -> StreamSummary:
+                on_progress, server=None) -> StreamSummary:
     rss_start, t_load = rss_mb(), time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     src = open_source(source, mode, loop=loop, max_frames=max_frames, retries=retries, backoff_s=backoff_s,
                       watch_idle_s=watch_idle_s)
     views = _resolve_views(views, bundle)
     clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
-                             threads=threads)
+                             threads=threads, server=server)
     with clf:  # setup errors (no runner, no localiser) raise before any output is created (`claim` then
         # removes the --out folder again if it made it)
         from .refine.refiner import Refiner
@@ -622,7 +623,8 @@ def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
                 "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
                 "load_s": round(time.perf_counter() - t_load, 3),
-                "skipped": [asdict(s) for s in getattr(src, "skipped", [])]}
+                "skipped": [asdict(s) for s in getattr(src, "skipped", [])],
+                "server": clf.server_report}  # the runner's live record: outages during the run included
         sinks = _make_sinks(out, bundle.classes, src, annotate, report, review_max)
         pipe, signum = None, None
         try:  # from here on every end (Ctrl-C, SIGTERM, a failure) closes the sinks and writes summary.json
