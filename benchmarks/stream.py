@@ -1,7 +1,7 @@
 """What a camera vendor asks: frames/s and per-frame latency of `wbc-edge stream` against frame size.
 
     python -m benchmarks.stream [--frames 300] [--sizes 640x480,1440x900,1920x1080,2448x2048]
-    wbc-edge bench stream --frames 300
+    wbc-edge bench stream --frames 300 [--workers 2]
 
 Frames are real smears, written as JPEG (quality 95) the way a camera's frame grabber or a scanner
 would: 640x480 are BCCD frames (../shared/data/bccd-frames, else data/sample/frames), 1440x900 the
@@ -10,7 +10,8 @@ Chula frames (red cells keep their 85 px; seams between tiles are the only thing
 Each size is one slide (one folder) streamed with the shipped bundle through the whole pipeline
 (decode, impulse guard, per-slide scale, localiser, crops, colour step, ensemble, site monitor, every
 sink), looped to --frames frames. Latency: read start -> every sink written, per frame.
-Writes benchmarks/results/stream.{json,md,png}, with the machine's load (a training run?) recorded.
+Writes benchmarks/results/stream_sizes.{json,md,png} (bench_stream.py's 10,000-frame soak writes
+stream.*), with the machine's load (a training run?) recorded.
 Set WBC_EDGE_CODE=DIR to measure another checkout's package (e.g. the code before an optimisation).
 """
 from __future__ import annotations
@@ -123,13 +124,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--bundle", type=Path, default=ROOT / "data" / "sample" / "bundle")
     ap.add_argument("--workers", type=int, default=1, help="localiser threads")
-    ap.add_argument("--name", default="stream", help="results name (e.g. stream_before)")
-    ap.add_argument("--quick", action="store_true", help="40 frames of 640x480 and 1440x900, to stream_quick.*")
+    ap.add_argument("--name", default="stream_sizes", help="results name (e.g. stream_sizes_before)")
+    ap.add_argument("--quick", action="store_true", help="40 frames of 640x480 and 1440x900, to <name>_quick.*")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     sizes = ["640x480", "1440x900"] if a.quick else a.sizes.split(",")
     n = 40 if a.quick else a.frames
-    name = "stream_quick" if a.quick else a.name
+    name = f"{a.name}_quick" if a.quick else a.name
     load = machine_load()
     code = str(Path(wbc_edge.__file__).resolve().parents[1])
     print(f"wbc_edge from {code}; {load}", flush=True)

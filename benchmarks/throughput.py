@@ -9,7 +9,8 @@
 - raw: the members' own graphs on an already-prepared batch of batch x views crops (the ceiling: what the
   runner alone costs for the same cells and views)
 - baseline (the published notebooks' way): per image, torchstain Macenko, then PyTorch eager, one forward
-  pass per TTA view and per member (needs torch; measured last, so its threads cannot slow the others)
+  pass per TTA view and per member (needs torch and torchstain, else left out; measured last, so its
+  threads cannot slow the others; --no-baseline skips it)
 `e2e_over_raw` = raw time / our time for the same batch. Warm-up before timing, medians over repeats.
 Writes benchmarks/results/throughput.{json,md,png}; the machine's load (a training run?) is recorded.
 """
@@ -96,6 +97,12 @@ def baseline(bundle: Bundle, paths: list[str], views: list[str]):
     return run
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def machine_load() -> str:
     """What else ran: a training job (its command line), else 'idle', and the 1-minute load average."""
     try:
@@ -169,8 +176,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--views", type=int, default=8, choices=sorted(tta.PRESETS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--calib", default=None, help="build ORT INT8 with these cells (default: FP32 only)")
-    ap.add_argument("--baseline", action="store_true", help="also the per-image torchstain + PyTorch baseline")
-    ap.add_argument("--quick", action="store_true", help="batch 4, 2 views, 1 repeat, written to throughput_quick.*")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the per-image torchstain + PyTorch baseline (it needs torch and torchstain)")
+    ap.add_argument("--quick", action="store_true", help="batch 4, 2 views, 1 repeat")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
     if a.quick:
@@ -182,11 +190,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         bundle, precisions = prepare_bundle(a.bundle, Path(tmp) / "bundle", views, a.calib)
         rows = [measure(bundle, p, paths, views, a.repeats) for p in precisions]
-        if a.baseline:
+        if a.baseline and _has("torch") and _has("torchstain"):
             base_t = time_median(baseline(bundle, paths, views), repeats=max(1, a.repeats // 3))
             for r in rows:
                 r.update(baseline_cells_s=a.batch / base_t, speedup_vs_baseline=r["ours_cells_s"] * base_t / a.batch)
-    name = "throughput_quick" if a.quick else "throughput"
+    name = "throughput"
     table = (f"Bundle {a.bundle} ({bundle.members[0].arch}, {bundle.preprocess.input_size}px, "
              f"{len(bundle.members)} member(s)), {a.batch} cells from {a.data}; views {views}. Machine load: {load}. "
              "ours = files in, probabilities out (decode, impulse guard, scale, window + resize, the bundle's colour "

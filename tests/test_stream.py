@@ -294,3 +294,18 @@ def test_a_fused_bundle_streams_the_same_cells_and_classes(folder_run, frame_fil
     ref, got = _jsonl(folder_run[1] / "cells.jsonl"), _jsonl(tmp_path / "out" / "cells.jsonl")
     assert [(r["frame"], r["box"], r["pred"]) for r in got] == [(r["frame"], r["box"], r["pred"]) for r in ref]
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(got, ref)) <= 1e-4
+
+
+def test_frame_size_benchmark_quick(tmp_path, shared_data):
+    """benchmarks/stream.py (frames/s and latency against frame size) on 40 frames of two sizes."""
+    if not (shared_data / "chula-rpi" / "frames").is_dir():
+        pytest.skip("the Chula frames are not in ../shared/data")
+    from benchmarks import stream as bench
+
+    rows = bench.main(["--quick", "--out", str(tmp_path)])["rows"]
+    assert [r["size"] for r in rows] == ["640x480", "1440x900"]
+    assert all(r["status"] == "completed" and r["frames"] == 40 and r["cells"] > 0 and r["fps"] > 0 for r in rows)
+    assert rows[0]["latency_p50_ms"] <= rows[0]["latency_p99_ms"]
+    assert (tmp_path / "stream_sizes_quick.png").stat().st_size > 0
+    mosaic = bench.source_frames("2448x2048")[0]  # the large sizes: mosaics of real frames
+    assert mosaic.shape == (2048, 2448, 3) and mosaic.dtype == np.uint8

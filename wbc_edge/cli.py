@@ -418,7 +418,7 @@ def degrade(src, dst, kind, severity, seed):
                "listed with their reason")
 
 
-BENCHMARKS = ("throughput", "cross_site", "site_ablation", "drift", "robustness", "bench_stream", "bench_int8",
+BENCHMARKS = ("throughput", "stream", "cross_site", "site_ablation", "drift", "robustness", "bench_stream", "bench_int8",
               "bench_localise", "bench_stain_quality", "bench_features", "longtail_ablation")
 
 
