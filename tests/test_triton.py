@@ -67,6 +67,33 @@ def test_configs_pass_tritons_schema(tmp_path, sample_bundle, extra):
     assert (tmp_path / "repo" / "wbc_edge" / "manifest.json").read_bytes() == b.manifest_path.read_bytes()
 
 
+def test_engine_variant_config(tmp_path, bundle_copy):
+    """A bundle with a TensorRT engine (its recorded sidecar; the bytes are not parsed on this path) gets a
+    tensorrt_plan model: GPU instances, the profile's max batch, what the engine was built for."""
+    from wbc_edge.build import tensorrt as trtb
+
+    b = Bundle.load(bundle_copy)
+    size = b.preprocess.input_size
+    profile = {"images": [[1, size, size, 3], [16, size, size, 3], [32, size, size, 3]]}
+    args = {"trt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": (8, 7), "precision": "fp16",
+            "profile": profile, "onnx_sha256": "0" * 64}
+    key = trtb.engine_cache_key(**args)
+    rel = f"engines/{trtb.engine_file_name('m0.onnx', 'fp16', key)}"
+    (bundle_copy / "engines").mkdir()
+    trtb.record_engine(bundle_copy / rel, bytes(range(256)) * 8, trtb.engine_key_parts(**args), key, onnx="m0.onnx")
+    b.members[0].artifacts["trt-fp16"] = rel
+    b.save()
+    _build(bundle_copy, tmp_path / "repo")
+    variant = tmp_path / "repo" / "wbc_edge_m0_trt_fp16"
+    cfg = _parse(variant / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 32
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert cfg.parameters["wbc_edge_engine_key"].string_value == key
+    assert "Orin" in cfg.parameters["wbc_edge_engine_built_for"].string_value
+    assert json.loads(cfg.parameters["wbc_edge_views"].string_value) == ["id"]
+    assert (variant / "1" / "model.plan").read_bytes() == (bundle_copy / rel).read_bytes()
+
+
 def test_schema_check_can_fail(tmp_path, sample_bundle):
     """The schema test is a real check: a misspelt field or a wrong enum is refused by the protobuf."""
     _build(sample_bundle, tmp_path / "repo")
