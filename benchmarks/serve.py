@@ -50,11 +50,11 @@ def _args(argv=None) -> argparse.Namespace:
 
 
 def _load() -> dict:
-    training = subprocess.run(["pgrep", "-f", "wbc-edge train"], capture_output=True, text=True).stdout.split()
-    return {"training_running": bool(training), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    found = subprocess.run(["pgrep", "-f", "wbc-edge train"], capture_output=True, text=True, check=False)
+    return {"training_running": bool(found.stdout.split()), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def _stream(remote_url, bundle_dir, cells_path, batch, seconds, start_at, threads, out_q) -> None:
+def _stream(remote_url, bundle_dir, cells_path, batch, seconds, start, threads, out_q) -> None:
     """One stream (its own process): batches of cells through the classifier until the time is up."""
     from wbc_edge.bundle import Bundle
     from wbc_edge.edge.classifier import EnsembleClassifier
@@ -64,7 +64,7 @@ def _stream(remote_url, bundle_dir, cells_path, batch, seconds, start_at, thread
     lat, n_cells, lost, max_diff, i = [], 0, 0, 0.0, 0
     with EnsembleClassifier(b, server=remote_url, threads=threads, calibrated=False) as clf:
         clf.predict(cells[:batch])  # warm-up: sessions, connections
-        time.sleep(max(0.0, start_at - time.time()))
+        start.wait()  # every stream loaded and warmed up: they start together
         t_end = time.perf_counter() + seconds
         while time.perf_counter() < t_end:
             idx = np.arange(i * batch, (i + 1) * batch) % len(cells)
@@ -92,9 +92,9 @@ def _run(n: int, remote_url, args, cells_path, stats=None) -> dict:
     ctx = mp.get_context("spawn")  # fresh processes: no ORT or gRPC state shared through fork
     out_q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // n)
-    start_at = time.time() + 8.0 + 2.0 * n  # after every stream has loaded and warmed up
+    start = ctx.Barrier(n)
     procs = [ctx.Process(target=_stream, args=(remote_url, args.bundle, cells_path, args.batch, args.seconds,
-                                               start_at, threads, out_q)) for _ in range(n)]
+                                               start, threads, out_q)) for _ in range(n)]
     before = stats() if stats else None
     for p in procs:
         p.start()

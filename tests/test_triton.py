@@ -252,3 +252,18 @@ def test_server_killed_and_restarted_mid_stream(server, tmp_path, sample_dir, sa
             for r in map(json.loads, (tmp_path / "local" / "cells.jsonl").read_text().splitlines())}
     assert want == {k: r["pred"] for k, r in zip(keys, rows)}
     assert json.loads((tmp_path / "remote" / "summary.json").read_text())["server"]["outages"] == outages
+
+
+def test_serve_benchmark_runs(tmp_path):
+    """benchmarks/serve.py end to end on one stream for a second (no timing asserts: speed is in the results)."""
+    from benchmarks import serve
+    from wbc_edge.build.triton_server import ServerUnavailable
+
+    try:
+        serve.main(["--allow-load", "--seconds", "1", "--streams", "1", "--out", str(tmp_path)])
+    except ServerUnavailable as exc:
+        pytest.skip(f"tritonserver cannot start here: {exc}")
+    rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
+    assert [(r["mode"], r["streams"]) for r in rows] == [("in-process", 1), ("triton", 1)]
+    assert all(r["cells"] > 0 and r["lost"] == 0 and r["max_abs_diff"] < 1e-5 for r in rows)
+    assert rows[1]["server_batches"] and (tmp_path / "serve.png").stat().st_size > 0

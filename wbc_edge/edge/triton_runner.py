@@ -233,10 +233,17 @@ class TritonRunner(Runner):
             time.sleep(delay)
             delay = min(2 * delay, self.max_backoff_s)
             self._connect()
-            if self._healthy():
+            if not self._healthy():
+                continue
+            try:
                 self._check()  # the server that came back must still serve the bundle's model
-                self.report["requests_resent"] += n_left
-                return outage
+            except ServerMismatch:
+                raise
+            except Exception as exc:  # noqa: BLE001 - gone again while we asked: keep waiting
+                log.info("Triton server %s not back yet (%s)", self.url, _message(exc))
+                continue
+            self.report["requests_resent"] += n_left
+            return outage
 
     def _end_outage(self, outage: dict, recovered: bool = True) -> None:
         seconds = round(time.monotonic() - outage.pop("t0"), 3)
