@@ -46,6 +46,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=10.0, help="measured time per configuration")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     p.add_argument("--allow-load", action="store_true", help="measure even while a training job runs")
+    p.add_argument("--quiet-load", type=float, default=1.0,
+                   help="before each configuration wait (up to 3 min) for the 1-min load average to drop below")
     return p.parse_args(argv)
 
 
@@ -88,7 +90,17 @@ def _server_batches(stats_before: dict, stats_after: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] - before.get(k, 0)}
 
 
+def _quiet(limit: float, wait_s: float = 180.0) -> None:
+    """Wait (at most `wait_s`) until the 1-minute load average is under `limit`: other jobs on a shared
+    machine (and the previous configuration's own load) would otherwise be measured too."""
+    t_end = time.monotonic() + wait_s
+    while os.getloadavg()[0] >= limit and time.monotonic() < t_end:
+        time.sleep(5)
+
+
 def _run(n: int, remote_url, args, cells_path, stats=None) -> dict:
+    _quiet(args.quiet_load)
+    load_start = round(os.getloadavg()[0], 2)
     ctx = mp.get_context("spawn")  # fresh processes: no ORT or gRPC state shared through fork
     out_q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -107,11 +119,11 @@ def _run(n: int, remote_url, args, cells_path, stats=None) -> dict:
            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
            "cells": sum(r["cells"] for r in results), "lost": sum(r["lost"] for r in results),
            "max_abs_diff": max(r["max_abs_diff"] for r in results),
-           "outages": sum(r["outages"] for r in results)}
+           "outages": sum(r["outages"] for r in results), "load_1m_at_start": load_start}
     if stats:
         formed = _server_batches(before, stats())
         execs = sum(formed.values())
-        row["server_batches"] = formed
+        row["server_batches"] = " ".join(f"{k}x{v}" for k, v in formed.items())  # size x executions
         row["mean_server_batch"] = round(sum(k * v for k, v in formed.items()) / max(1, execs), 1)
     return row
 
@@ -179,8 +191,8 @@ def main(argv=None) -> None:
             rows += [_run(n, server.url, args, cells_path, stats) for n in streams]
             client.close()
     load_after = _load()
-    columns = ["mode", "streams", "cells_per_s", "p50_ms", "p99_ms", "mean_server_batch", "cells", "lost",
-               "max_abs_diff"]
+    columns = ["mode", "streams", "cells_per_s", "p50_ms", "p99_ms", "mean_server_batch", "server_batches",
+               "cells", "lost", "max_abs_diff", "load_1m_at_start"]
     note = (f"\n\nClassifier stage only (the sample bundle's ensemble, TTA views {Bundle.load(args.bundle).views}, "
             f"{args.batch} cells per request, {args.seconds:.0f} s per configuration, each stream a process). "
             "Server: tritonserver 2.51 from the nvidia-pytriton wheel, the repository's graph in its Python "

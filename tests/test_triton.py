@@ -260,7 +260,7 @@ def test_serve_benchmark_runs(tmp_path):
     from wbc_edge.build.triton_server import ServerUnavailable
 
     try:
-        serve.main(["--allow-load", "--seconds", "1", "--streams", "1", "--out", str(tmp_path)])
+        serve.main(["--allow-load", "--quiet-load", "1000", "--seconds", "1", "--streams", "1", "--out", str(tmp_path)])
     except ServerUnavailable as exc:
         pytest.skip(f"tritonserver cannot start here: {exc}")
     rows = json.loads((tmp_path / "serve.json").read_text())["rows"]

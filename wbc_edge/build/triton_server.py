@@ -12,6 +12,7 @@ LIBDIR first on LD_LIBRARY_PATH makes the stub run the same Python as the client
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -83,6 +84,7 @@ class LocalServer:
         self.log_path = Path(log_path or Path(self._tmp.name) / "server.log")
         self.proc: subprocess.Popen | None = None
         self._log_from = 0
+        atexit.register(self.close)  # the server runs in its own session: never leave it behind us
 
     @property
     def url(self) -> str:
