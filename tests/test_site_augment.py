@@ -82,3 +82,23 @@ def test_groupnorm_member_has_no_batchnorm_and_exports(tmp_path):
     assert np.abs(m(x[:1]).detach().numpy() - m(x).detach().numpy()[:1]).max() < 1e-5
     m.train()
     assert np.abs(m(x[:1]).detach().numpy() - m(x).detach().numpy()[:1]).max() < 1e-5
+
+
+def test_groupnorm_member_starts_from_its_own_weights_file(tmp_path):
+    """Fine-tuning a GroupNorm member (`pretrained_file`: a bundle's safetensors) starts from exactly
+    those weights, though timm builds the backbone with BatchNorm first."""
+    torch = pytest.importorskip("torch")
+    from wbc_edge.trainer.checkpoint import save_weights
+    from wbc_edge.trainer.members import create_member
+
+    torch.manual_seed(0)
+    trained = create_member("mobilenetv3_small_100_gn", 5)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the initial weights
+    path = save_weights(trained, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    again = create_member("mobilenetv3_small_100_gn", 5, pretrained_file=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), trained.eval()(x))

@@ -33,12 +33,18 @@ def create_member(name: str, num_classes: int, pretrained: bool = False, pretrai
     if name not in MEMBERS:
         raise ValueError(f"unknown member {name!r}; registered: {', '.join(MEMBERS)}")
     kwargs = {k: v for k, v in overrides.items() if v is not None}
-    if pretrained_file:
+    spec = MEMBERS[name]
+    converted = spec.get("norm") == "groupnorm1"
+    if pretrained_file and not converted:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_file)}
         pretrained = True
-    spec = MEMBERS[name]
     model = timm.create_model(spec.get("arch", name), pretrained=pretrained, num_classes=num_classes, **kwargs)
-    return groupnorm(model) if spec.get("norm") == "groupnorm1" else model
+    if not converted:
+        return model
+    model = groupnorm(model)
+    if pretrained_file:  # a GroupNorm member's own weights (e.g. a bundle's): they fit only after the conversion
+        model.load_state_dict(require("safetensors.torch", "train").load_file(str(pretrained_file)))
+    return model
 
 
 def groupnorm(model):
@@ -58,6 +64,9 @@ def groupnorm(model):
                 gn = torch.nn.GroupNorm(1, child.num_features, eps=child.eps)
             else:
                 continue
+            if child.affine:  # pretrained scale/shift carried over (only the statistics change)
+                gn.weight.data.copy_(child.weight.data)
+                gn.bias.data.copy_(child.bias.data)
             setattr(module, child_name, gn)
     return model
 
