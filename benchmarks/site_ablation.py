@@ -64,7 +64,7 @@ def score(bundle: Path, tmp: Path, chula_limit: int | None) -> dict:
     return row
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "site-robust recipe ablation (same budget per variant)") -> None:
     from wbc_edge.metrics import new_figure
 
     fig = new_figure((7, 3.6))
@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("macro-F1")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("site-robust recipe ablation (same budget per variant)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -113,3 +113,13 @@ def test_site_ablation_quick(tmp_path, shared_data):
     assert [r["variant"] for r in rows] == ["site", "gn"]
     assert all(0 <= r["pbc_9class"] <= 1 and 0 <= r["chula_5part-strict"] <= 1 for r in rows)
     assert (tmp_path / "site_ablation.png").stat().st_size > 0
+
+
+def test_site_members_quick(tmp_path, shared_data, sample_bundle):
+    from benchmarks import site_members
+
+    site_members.main([f"shipped={sample_bundle}", "--quick", "--out", str(tmp_path)])
+    (row,) = _payload(tmp_path, "site_members")["rows"]
+    assert row["variant"] == "shipped" and row["members"] == 1 and "mobilenetv3_small_100" in row["what"]
+    assert 0 <= row["pbc_9class"] <= 1 and 0 <= row["chula_5part-strict"] <= 1
+    assert (tmp_path / "site_members.png").stat().st_size > 0
