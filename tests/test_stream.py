@@ -98,7 +98,10 @@ def test_video_streams_like_the_folder(folder_run, frame_files, sample_bundle, t
         matched = [(r, _nearest(r, got.get(r["frame"], []))) for rows in ref.values() for r in rows]
         near = [(r, g) for r, g in matched if g is not None and iou(r["box"], g["box"]) > 0.7]
         assert len(near) >= 0.8 * ref_summary.cells
-        assert sum(r["pred"] == g["pred"] for r, g in near) >= 0.8 * len(near)
+        # a cell the model is sure of keeps its class through the codec; an unsure one may flip (with
+        # 8 cells, two such flips are 25 %: the overall bar is 75 %)
+        assert all(r["pred"] == g["pred"] for r, g in near if r["confidence"] >= 0.5)
+        assert sum(r["pred"] == g["pred"] for r, g in near) >= 0.75 * len(near)
     cap = cv2.VideoCapture(str(tmp_path / "out" / "annotated.avi"))
     assert cap.get(cv2.CAP_PROP_FRAME_COUNT) == len(frame_files)
     cap.release()
