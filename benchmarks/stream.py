@@ -9,7 +9,9 @@ Chula Raspberry Pi frames (../shared/data/chula-rpi/frames), and 1920x1080 / 244
 Chula frames (red cells keep their 85 px; seams between tiles are the only thing no camera makes).
 Each size is one slide (one folder) streamed with the shipped bundle through the whole pipeline
 (decode, impulse guard, per-slide scale, localiser, crops, colour step, ensemble, site monitor, every
-sink), looped to --frames frames. Latency: read start -> every sink written, per frame.
+sink), looped to --frames frames. Latency: read start -> every sink written, per frame; first with the
+frames read as fast as they go (fps; latency then includes the frames queued ahead: the bounded queues
+are full), then played at --camera-fps like a camera (the latency a user sees; sizes that keep up).
 Writes benchmarks/results/stream_sizes.{json,md,png} (bench_stream.py's 10,000-frame soak writes
 stream.*), with the machine's load (a training run?) recorded.
 Set WBC_EDGE_CODE=DIR to measure another checkout's package (e.g. the code before an optimisation).
@@ -75,20 +77,31 @@ def write_slide(frames: list[np.ndarray], folder: Path) -> None:
                     [cv2.IMWRITE_JPEG_QUALITY, 95])
 
 
-def measure(size: str, tmp: Path, bundle: Path, n_frames: int, workers: int) -> dict:
+def _run(folder: Path, out: Path, bundle: Path, n_frames: int, workers: int, pace_fps=None) -> dict:
+    n_files = len(_jpegs(folder))
+    s = run_stream(folder, bundle, out, mode="frames", loop=math.ceil(n_frames / n_files), max_frames=n_frames,
+                   workers=workers, pace_fps=pace_fps).to_dict()
+    shutil.rmtree(out, ignore_errors=True)
+    return s
+
+
+def measure(size: str, tmp: Path, bundle: Path, n_frames: int, workers: int, camera_fps: float) -> dict:
+    """As fast as the frames can be read (throughput, and the latency of a full pipeline), then played at
+    `camera_fps` as a camera delivers them (the latency a user sees), if the first run kept up with it."""
     folder = tmp / size
     write_slide(source_frames(size), folder)
-    n_files = len(_jpegs(folder))
-    out = tmp / f"out-{size}"
-    s = run_stream(folder, bundle, out, mode="frames", loop=math.ceil(n_frames / n_files), max_frames=n_frames,
-                   workers=workers).to_dict()
-    shutil.rmtree(out, ignore_errors=True)
+    s = _run(folder, tmp / f"out-{size}", bundle, n_frames, workers)
+    paced = _run(folder, tmp / f"paced-{size}", bundle, n_frames, workers, camera_fps) \
+        if s["fps"] >= camera_fps else None
     w, h = (int(v) for v in size.split("x"))
     stages = {k: round(v["ms_per_frame"], 2) for k, v in s["timing"].items()}
     return {"size": size, "megapixels": round(w * h / 1e6, 2), "frames": s["frames"], "cells": s["cells"],
             "cells_per_frame": round(s["cells"] / max(1, s["frames"]), 2), "fps": s["fps"],
             "cells_per_s": s["cells_per_s"], "latency_p50_ms": s["latency_ms"]["p50"],
-            "latency_p99_ms": s["latency_ms"]["p99"], "status": s["status"], "workers": workers,
+            "latency_p99_ms": s["latency_ms"]["p99"],
+            f"at_{camera_fps:g}fps_p50_ms": paced["latency_ms"]["p50"] if paced else None,
+            f"at_{camera_fps:g}fps_p99_ms": paced["latency_ms"]["p99"] if paced else None,
+            "status": s["status"], "workers": workers,
             "ms_per_frame": stages, "views": s["views"], "runner": s["runner"]}
 
 
@@ -124,6 +137,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--bundle", type=Path, default=ROOT / "data" / "sample" / "bundle")
     ap.add_argument("--workers", type=int, default=1, help="localiser threads")
+    ap.add_argument("--camera-fps", type=float, default=30.0,
+                    help="also play the frames at this rate, as a camera delivers them, for the latency a user sees")
     ap.add_argument("--name", default="stream_sizes", help="results name (e.g. stream_sizes_before)")
     ap.add_argument("--quick", action="store_true", help="40 frames of 640x480 and 1440x900, to <name>_quick.*")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -137,7 +152,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for size in sizes:
-            rows.append(measure(size, Path(tmp), a.bundle, n, a.workers))
+            rows.append(measure(size, Path(tmp), a.bundle, n, a.workers, a.camera_fps))
             print({k: v for k, v in rows[-1].items() if k != "ms_per_frame"}, flush=True)
     flat = [{k: v for k, v in r.items() if k not in ("ms_per_frame", "views", "runner")} for r in rows]
     stages = [{"size": r["size"], **r["ms_per_frame"]} for r in rows]

@@ -312,3 +312,12 @@ def test_frame_size_benchmark_quick(tmp_path, shared_data):
     assert (tmp_path / "stream_sizes_quick.png").stat().st_size > 0
     mosaic = bench.source_frames("2448x2048")[0]  # the large sizes: mosaics of real frames
     assert mosaic.shape == (2048, 2448, 3) and mosaic.dtype == np.uint8
+
+
+def test_a_folder_played_at_a_camera_rate(frame_files):
+    """pace_fps: frame i is read no earlier than i / fps after the first (latency at a camera's rate)."""
+    src = open_source(frame_files[0].parent, pace_fps=40.0, loop=2, max_frames=12)
+    t0 = time.perf_counter()
+    starts = [f.t_start - t0 for f in src]
+    assert len(starts) == 12 and all(s >= i / 40.0 - 0.005 for i, s in enumerate(starts))
+    assert starts[-1] < 11 / 40.0 + 0.25  # paced, not slowed down further

@@ -108,6 +108,7 @@ class _Located:
     boxes: list
     crops: np.ndarray  # canonical cells (the preprocessor's output before its stain step)
     scale: object = None  # the frame's (or crop's) Scale
+    gate: object = None  # edge/restore.py GateResult of the crops (None: the bundle has no restorer)
 
 
 def slide_of(frame: Frame) -> str:
@@ -291,14 +292,22 @@ class Pipeline:
         if self.crops_mode:  # the image is the cell
             crops = self.pre.canonical(frame.image, scale)[None]
             self.times.add("crop", time.perf_counter() - t1)
-            return self._done_with_image(_Located(frame, [None], crops, scale))
+            return self._done_with_image(self._restored(_Located(frame, [None], crops, scale)))
         try:
             boxes, crops = self._boxes_and_crops(frame.image, scale)
         except Exception as exc:  # noqa: BLE001 - one odd frame must not end a microscope run
             log.warning("frame %d (%s): localiser failed: %s", frame.index, frame.source, exc)
             frame.error, frame.image = f"localiser failed: {exc}", None
             return _Located(frame, [], empty)
-        return self._done_with_image(_Located(frame, boxes, crops if len(boxes) else empty, scale))
+        return self._done_with_image(self._restored(_Located(frame, boxes, crops if len(boxes) else empty, scale)))
+
+    def _restored(self, loc: _Located) -> _Located:
+        """The preprocessor's quality gate + learned restorer on this frame's canonical cells."""
+        if self.pre.restorer is not None:
+            t0 = time.perf_counter()
+            loc.crops, loc.gate = self.pre.restore(loc.crops)
+            self.times.add("learned_restore", time.perf_counter() - t0)
+        return loc
 
     def _boxes_and_crops(self, image: np.ndarray, scale):
         t0 = time.perf_counter()
@@ -419,6 +428,11 @@ class Pipeline:
         t0 = time.perf_counter()
         res = FrameResult(loc.frame, loc.boxes, loc.crops,
                           self.labeller.rows(loc.frame, loc.boxes, probs, self.crops_mode, final, changes, loc.scale))
+        if loc.gate is not None:  # the quality gate's scores per cell; `restored: learned` where it restored
+            for i, row in enumerate(res.cells[:len(loc.gate.restored)]):  # one row per crop, in order
+                row.update(loc.gate.row(i))
+                if loc.gate.restored[i]:
+                    row.setdefault("restored", "learned")
         self._monitor(res, feats)
         for sink in self.sinks:
             if isinstance(sink, FramesLog):  # written last, so its latency covers the other sinks
@@ -581,7 +595,8 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                review_max: int = 2000, pixel_size: float | None = None, scale_per: str = "slide",
                localiser_config=None, retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
                threads: int | None = None, refine: bool = True,
-               on_progress: Callable[[dict], None] | None = None, server: str | None = None) -> StreamSummary:
+               on_progress: Callable[[dict], None] | None = None, server: str | None = None,
+               pace_fps: float | None = None) -> StreamSummary:
     """Stream `source` through the localiser and the bundle's ensemble into `out_dir`.
 
     `source` is a video file, a camera index, an RTSP/GStreamer URL, an image folder or glob, a
@@ -590,6 +605,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     summary.json; returns the summary. `exit_code` is non-zero when the source was lost (3), the
     run failed (1) or was interrupted (130 SIGINT, 143 SIGTERM). `out_dir` is claimed first (created,
     checked writable, locked against a second run, an earlier run's outputs removed: `outdir.claim`).
+    `pace_fps` plays a folder or video file at that frame rate, as a camera would deliver it.
     """
     with claim(out_dir, STREAM_OUTPUTS):
         return _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch,
@@ -597,17 +613,17 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                            low_confidence=low_confidence, rare_min_prob=rare_min_prob, review_max=review_max,
                            pixel_size=pixel_size, scale_per=scale_per, localiser_config=localiser_config,
                            retries=retries, backoff_s=backoff_s, watch_idle_s=watch_idle_s, threads=threads,
-                           refine=refine, on_progress=on_progress, server=server)
+                           refine=refine, on_progress=on_progress, server=server, pace_fps=pace_fps)
 
 
 def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
                 annotate, report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
                 pixel_size, scale_per, localiser_config, retries, backoff_s, watch_idle_s, threads, refine,
-                on_progress, server=None) -> StreamSummary:
+                on_progress, server=None, pace_fps=None) -> StreamSummary:
     rss_start, t_load = rss_mb(), time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     src = open_source(source, mode, loop=loop, max_frames=max_frames, retries=retries, backoff_s=backoff_s,
-                      watch_idle_s=watch_idle_s)
+                      watch_idle_s=watch_idle_s, pace_fps=pace_fps)
     views = _resolve_views(views, bundle)
     clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
                              threads=threads, server=server)

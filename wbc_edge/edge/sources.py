@@ -42,7 +42,9 @@ class Frame:
 
 
 class Source:
-    """Iterate to get frames. `loop` repeats a finite source; `max_frames` caps the whole run."""
+    """Iterate to get frames. `loop` repeats a finite source; `max_frames` caps the whole run;
+    `pace_fps` hands out frames no faster than that (a folder played at a camera's rate: latency
+    benchmarks; frames the consumer was too slow for are late, never dropped)."""
 
     kind = "frames"  # or "crops": each image is already one cell
     mode = "frames"  # frames | crops | video | camera | watch, as in open_source
@@ -50,8 +52,9 @@ class Source:
     name = "source"
     fps: float | None = None
 
-    def __init__(self, loop: int = 1, max_frames: int | None = None):
+    def __init__(self, loop: int = 1, max_frames: int | None = None, pace_fps: float | None = None):
         self.loop, self.max_frames = max(1, int(loop)), max_frames
+        self.pace_s = 1.0 / pace_fps if pace_fps else None
         self.lost = False  # a live source that stayed gone
         self._stopped = False
 
@@ -63,7 +66,7 @@ class Source:
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Frame]:
-        index = 0
+        index, start = 0, time.perf_counter()
         if self.max_frames is not None and self.max_frames <= 0:
             return
         for _ in range(1 if self.live else self.loop):
@@ -77,6 +80,8 @@ class Source:
                     index += 1
                     if self._stopped or (self.max_frames is not None and index >= self.max_frames):
                         return
+                    if self.pace_s is not None and not self.live:  # the next frame is read at its time
+                        _sleep_unless(lambda: self._stopped, start + index * self.pace_s - time.perf_counter())
             finally:
                 items.close()  # releases a VideoCapture even when the consumer stops early
             if self.lost:
@@ -363,10 +368,10 @@ def resolve_mode(source, mode: str = "auto") -> str:
 
 def open_source(source, mode: str = "auto", loop: int = 1, max_frames: int | None = None,
                 retries: int = 5, backoff_s: float = 0.5, watch_idle_s: float = 10.0,
-                poll_s: float = 0.2) -> Source:
+                poll_s: float = 0.2, pace_fps: float | None = None) -> Source:
     """A Source for `source` (path, glob, camera index, URL or GStreamer pipeline) in `mode`."""
     mode = resolve_mode(source, mode)
-    kw = {"loop": loop, "max_frames": max_frames}
+    kw = {"loop": loop, "max_frames": max_frames, "pace_fps": pace_fps}
     if mode == "camera":
         return LiveSource(_camera_target(source), retries=retries, backoff_s=backoff_s, **kw)
     if mode == "video":
