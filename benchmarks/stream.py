@@ -79,8 +79,9 @@ def write_slide(frames: list[np.ndarray], folder: Path) -> None:
 
 def _run(folder: Path, out: Path, bundle: Path, n_frames: int, workers: int, pace_fps=None) -> dict:
     n_files = len(_jpegs(folder))
+    paced = {"pace_fps": pace_fps} if pace_fps else {}  # (a checkout before pacing existed runs unpaced)
     s = run_stream(folder, bundle, out, mode="frames", loop=math.ceil(n_frames / n_files), max_frames=n_frames,
-                   workers=workers, pace_fps=pace_fps).to_dict()
+                   workers=workers, **paced).to_dict()
     shutil.rmtree(out, ignore_errors=True)
     return s
 
@@ -92,7 +93,7 @@ def measure(size: str, tmp: Path, bundle: Path, n_frames: int, workers: int, cam
     write_slide(source_frames(size), folder)
     s = _run(folder, tmp / f"out-{size}", bundle, n_frames, workers)
     paced = _run(folder, tmp / f"paced-{size}", bundle, n_frames, workers, camera_fps) \
-        if s["fps"] >= camera_fps else None
+        if camera_fps and s["fps"] >= camera_fps else None
     w, h = (int(v) for v in size.split("x"))
     stages = {k: round(v["ms_per_frame"], 2) for k, v in s["timing"].items()}
     return {"size": size, "megapixels": round(w * h / 1e6, 2), "frames": s["frames"], "cells": s["cells"],
@@ -138,7 +139,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bundle", type=Path, default=ROOT / "data" / "sample" / "bundle")
     ap.add_argument("--workers", type=int, default=1, help="localiser threads")
     ap.add_argument("--camera-fps", type=float, default=30.0,
-                    help="also play the frames at this rate, as a camera delivers them, for the latency a user sees")
+                    help="also play the frames at this rate, as a camera delivers them, for the latency a user "
+                         "sees (0: skip)")
     ap.add_argument("--name", default="stream_sizes", help="results name (e.g. stream_sizes_before)")
     ap.add_argument("--quick", action="store_true", help="40 frames of 640x480 and 1440x900, to <name>_quick.*")
     ap.add_argument("--out", type=Path, default=RESULTS)
