@@ -235,6 +235,22 @@ def _validate_fused(where, extra: dict, members: list[Member]) -> None:
                                       "rebuild it with `wbc-edge build --target onnx --fuse`")
 
 
+def _validate_restore(where, extra: dict) -> None:
+    """The learned restorer (edge/restore.py): its graph and the quality gate's thresholds."""
+    if "restore" not in extra:
+        return
+    restore = _dict(where, "restore", extra["restore"])
+    _file(where, "restore.onnx", restore.get("onnx"))
+    if not isinstance(restore.get("enabled", True), bool):
+        _fail(where, "restore.enabled", f"must be true or false, got {restore.get('enabled')!r:.40}")
+    gate = _dict(where, "restore.gate", restore.get("gate"))
+    for key in ("min_sharpness", "max_unevenness", "max_tilt"):
+        if key == "max_tilt" and key not in gate:
+            continue
+        if not _is_number(gate.get(key)) or gate[key] < 0:
+            _fail(where, f"restore.gate.{key}", f"must be a finite number >= 0, got {gate.get(key)!r:.40}")
+
+
 def _close_lists(a, b) -> bool:
     return (isinstance(a, list) and len(a) == len(b)
             and all(_is_number(x) and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b)))
@@ -311,6 +327,7 @@ class Bundle:
         _validate_members(where, self.members)
         _validate_runtime_sections(where, self.extra)
         _validate_fused(where, self.extra, self.members)
+        _validate_restore(where, self.extra)
         verify = _dict(where, "refine", self.extra.get("refine", {})).get("verify", {})
         for key in ("onnx", "prototypes"):
             if _dict(where, "refine.verify", verify).get(key) is not None:
@@ -326,6 +343,19 @@ class Bundle:
         fused = self.extra.get("fused", {})
         for f in [fused["onnx"], *fused.get("artifacts", {}).values()] if fused else []:
             self._check_fused_graph(f, graph_metadata(self.path(f)))
+        if self.extra.get("restore"):
+            self._check_restorer_graph(self.extra["restore"]["onnx"])
+
+    def _check_restorer_graph(self, name: str) -> None:
+        """The restorer graph says it is one and takes cells of the manifest's input size."""
+        meta = graph_metadata(self.path(name))
+        if meta.get("kind") != "restorer":
+            raise BundleError(f"{self.root}: {name} (restore.onnx) is not a restorer graph (its metadata 'kind' is "
+                              f"{meta.get('kind')!r}); re-train it with `wbc-edge train-restorer`")
+        size = _meta_json(meta, "input_size", name) if "input_size" in meta else None
+        if size != self.preprocess.input_size:
+            raise BundleError(f"{self.root}: {name} restores {size}-px cells, the manifest's "
+                              f"preprocess.input_size is {self.preprocess.input_size}; re-train the restorer")
 
     def _check_fused_graph(self, name: str, meta: dict) -> None:
         """A fused graph has the members, their weights and the TTA views built in: all must be the manifest's."""
@@ -392,8 +422,9 @@ class Bundle:
         """Files named outside the members: the fused graph, refinement phase 2's embedder and prototypes."""
         verify = self.extra.get("refine", {}).get("verify", {})
         fused = self.extra.get("fused", {})
+        restore = self.extra.get("restore") or {}  # the learned restorer's graph (edge/restore.py)
         return [f for f in (fused.get("onnx"), *fused.get("artifacts", {}).values(), verify.get("onnx"),
-                            verify.get("prototypes")) if f]
+                            verify.get("prototypes"), restore.get("onnx")) if f]
 
     def save(self) -> Path:
         self.validate()  # a bundle that load() would refuse is never written

@@ -69,6 +69,7 @@ def evaluate(bundle_dir, data, out_dir, device: str = "cpu", precision: str = "f
                    "n_inputs": len(rows), "n_scored": report["n"],
                    "n_unreadable": sum(1 for r in rows if r.get("error")),
                    "n_restored": sum(1 for r in rows if r.get("restored")),
+                   "n_restored_learned": sum(1 for r in rows if r.get("restored") == "learned"),
                    "n_unknown_label": sum(unknown.values()), "unknown_labels": dict(unknown),
                    "n_skipped": sum(1 for r in rows if r.get("skipped")),
                    "unreadable": [{"path": r["path"], "reason": r["error"]} for r in rows if r.get("error")],

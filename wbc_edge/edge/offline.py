@@ -50,6 +50,10 @@ def classify_dataset(clf: EnsembleClassifier, ds: CellDataset, batch_size: int =
                     rows[i].update(pred_raw=changes[n][0]["from"], refine=changes[n])
                 if prepared.restored[n]:
                     rows[i]["restored"] = "impulse_noise"
+                if prepared.gate is not None:  # the quality gate's scores; `restored: learned` where it restored
+                    rows[i].update(prepared.gate.row(n))
+                    if prepared.gate.restored[n]:
+                        rows[i].setdefault("restored", "learned")
         for i in idx:
             yield rows[i]
         bar.update(len(idx))

@@ -87,13 +87,16 @@ class Prepared:
     batch: np.ndarray
     scales: list[Scale]
     restored: np.ndarray
+    gate: object = None  # edge/restore.py GateResult: the quality gate's scores and restored cells (None: no restorer)
 
 
 class Preprocessor:
     """Built from a bundle (`for_bundle`), or from the trainer's pieces before a bundle exists."""
 
     def __init__(self, input_size: int, interpolation: str = "area", scale: dict | None = None, stain=None,
-                 guard=None, pixel_size: float | None = None, same_scale: bool = True, anchor: dict | None = None):
+                 guard=None, pixel_size: float | None = None, same_scale: bool = True, anchor: dict | None = None,
+                 restorer=None):
+        self.restorer = restorer  # quality gate + learned restorer on canonical cells (edge/restore.py), or None
         self.size, self.interpolation = int(input_size), interpolation
         self.anchor = anchor  # the training cells' background and dark point (edge/anchor.py)
         self.scale_spec = dict(scale or {})  # rbc_px, window_px, cell_px of the training images
@@ -105,13 +108,14 @@ class Preprocessor:
     @classmethod
     def for_bundle(cls, bundle, pixel_size: float | None = None, same_scale: bool = True) -> "Preprocessor":
         from .quality import ImpulseGuard
+        from .restore import RestoreStep
         from .stain import StainReference, bundle_stain
 
         ref = bundle_stain(bundle)  # a model trained on normalised cells: same step, same reference
         pp = bundle.preprocess
         return cls(pp.input_size, pp.interpolation, bundle.extra.get("scale"),
                    StainReference.from_dict(ref) if ref else None, ImpulseGuard.for_bundle(bundle),
-                   pixel_size, same_scale, bundle.extra.get("anchor"))
+                   pixel_size, same_scale, bundle.extra.get("anchor"), RestoreStep.for_bundle(bundle))
 
     # ---- the steps ---------------------------------------------------------------------------
     def guarded(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -151,6 +155,11 @@ class Preprocessor:
             fill = (0, 0, 0) if inside else background_colour(image)
         return resize_batch([cut_window(image, cx, cy, side, fill)], self.size, self.interpolation)[0]
 
+    def restore(self, batch: np.ndarray):
+        """The learned-restoration step on canonical cells (before the colour step): (cells, GateResult or
+        None). Cells the gate passes come back bit-identical; without a restorer the batch itself."""
+        return (batch, None) if self.restorer is None else self.restorer(batch)
+
     def stain(self, batch: np.ndarray) -> np.ndarray:
         """The colour step on canonical cells: anchored to the training cells' background and dark
         point, then stain-normalised to the bundle's reference, each when the bundle asks for it."""
@@ -178,7 +187,8 @@ class Preprocessor:
         slides = slides or [""] * len(images)
         done = [self.crop(im, s) for im, s in zip(images, slides)]
         batch = np.stack([d[0] for d in done]) if done else np.zeros((0, self.size, self.size, 3), np.uint8)
-        return Prepared(self.stain(batch), [d[1] for d in done], np.asarray([d[2] for d in done], bool))
+        batch, gate = self.restore(batch)
+        return Prepared(self.stain(batch), [d[1] for d in done], np.asarray([d[2] for d in done], bool), gate)
 
     def frame_cells(self, frame: np.ndarray, boxes, scale: Scale) -> np.ndarray:
         """Canonical cells around each localiser box of a (guarded) frame, before the stain step."""
@@ -214,5 +224,6 @@ class Preprocessor:
             kept += [run[j] for j in k]
             errors += [replace(e, index=run[e.index]) for e in errs]
         batch = np.stack(cells) if cells else np.zeros((0, self.size, self.size, 3), np.uint8)
-        prepared = Prepared(self.stain(batch), scales, np.asarray(restored, bool))
+        batch, gate = self.restore(batch)
+        prepared = Prepared(self.stain(batch), scales, np.asarray(restored, bool), gate)
         return prepared.batch, np.asarray(kept, np.int64), errors, prepared

@@ -167,3 +167,110 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     ma, mb = blur(a), blur(b)
     va, vb, cov = blur(a * a) - ma ** 2, blur(b * b) - mb ** 2, blur(a * b) - ma * mb
     return float((((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))).mean())
+
+
+# ---- the restoration gate: blur and uneven light, on canonical cells ----------------------------------
+# Two cheap scores per cell (both computed on the canonical cell, before the colour step, where the
+# learned restorer runs):
+#   sharpness   the least, over four directions (0/45/90/135 deg), of the ratio of fine to middle detail:
+#               var(g - line_blur(g, 0.8 px)) / var(g - line_blur(g, 2 px)). A ratio, so a cell's content
+#               (a big pale lymphocyte, a granular eosinophil) cancels; the least direction, so motion blur
+#               (which softens one direction only) is seen as well as isotropic and defocus blur.
+#   unevenness  the slope of a plane fitted to the log brightness of the brightest 20% of pixels (the
+#               smear's background): a Koehler-misaligned lamp is a ramp, a cell is not. A strong ramp
+#               clips the bright side to 255 and flattens this fit, hence:
+#   tilt        the slope of the plane through the log brightness of all pixels (a centred cell is about
+#               symmetric: it adds little; clean cells off centre reach ~0.6, a severity-4 ramp ~0.75).
+# Fitted on clean training cells (`fit_gate`): a cell is restored when its sharpness is under the clean
+# cells' least value (times a margin) or its unevenness or tilt above their largest (over the margin);
+# every clean training cell passes, untouched.
+GATE_ANGLES = (0.0, 45.0, 90.0, 135.0)
+GATE_MARGIN = 0.97  # thresholds this far beyond the clean extremes: clean cells pass with room to spare
+_BRIGHT_QUANTILE = 80  # background pixels: above this percentile of brightness
+SCORES = ("sharpness", "unevenness", "tilt")
+
+
+def _line_kernel(sigma: float, angle_deg: float, n: int = 9) -> np.ndarray:
+    """A 1-D Gaussian of `sigma` px laid along `angle_deg`, bilinearly splatted into an n x n kernel.
+    OpenCV has no oriented Gaussian; four fixed 9x9 kernels built once."""
+    k, c = np.zeros((n, n), np.float32), n // 2
+    t = np.arange(n) - c
+    g = np.exp(-t ** 2 / (2 * sigma ** 2))
+    a = np.radians(angle_deg)
+    for ti, v in zip(t, g / g.sum()):
+        x, y = c + ti * np.cos(a), c + ti * np.sin(a)
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        fx, fy = x - x0, y - y0
+        for xx, yy, w in ((x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)),
+                          (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)):
+            if 0 <= xx < n and 0 <= yy < n:
+                k[yy, xx] += v * w
+    return k / k.sum()
+
+
+_GATE_KERNELS = [(_line_kernel(0.8, a), _line_kernel(2.0, a)) for a in GATE_ANGLES]
+
+
+def sharpness(grey: np.ndarray) -> float:
+    """The least directional fine/middle detail ratio of a float32 grey image (see above)."""
+    ratios = []
+    for fine, mid in _GATE_KERNELS:
+        hi = grey - cv2.filter2D(grey, -1, fine, borderType=cv2.BORDER_REFLECT)
+        lo = grey - cv2.filter2D(grey, -1, mid, borderType=cv2.BORDER_REFLECT)
+        ratios.append(float(hi.var()) / max(float(lo.var()), 1e-6))
+    return min(ratios)
+
+
+def unevenness(grey: np.ndarray) -> float:
+    """Slope (log brightness per image side) of a plane through the background of a float32 grey image."""
+    h, w = grey.shape
+    sel = grey >= np.percentile(grey, _BRIGHT_QUANTILE)
+    ys, xs = np.nonzero(sel)
+    a = np.stack([xs / w - 0.5, ys / h - 0.5, np.ones(len(xs))], axis=1)
+    coef = np.linalg.lstsq(a, np.log1p(grey[sel].astype(np.float64)), rcond=None)[0]
+    return float(np.hypot(coef[0], coef[1]))
+
+
+def tilt(grey: np.ndarray) -> float:
+    """Slope (log brightness per image side) of the plane through all pixels: on a full grid the x and y
+    terms are orthogonal, so each slope is one weighted sum (no least-squares solve)."""
+    h, w = grey.shape
+    lum = np.log1p(grey)
+    x, y = np.arange(w) / w - 0.5, np.arange(h) / h - 0.5
+    x -= x.mean()
+    y -= y.mean()
+    sx = float(lum.mean(0) @ x) / float(x @ x)
+    sy = float(lum.mean(1) @ y) / float(y @ y)
+    return float(np.hypot(sx, sy))
+
+
+def quality_scores(batch: np.ndarray) -> np.ndarray:
+    """(B, 3) float: sharpness, unevenness and tilt of each uint8 RGB image of a batch."""
+    out = np.empty((len(batch), 3))
+    for i, im in enumerate(batch):
+        grey = cv2.cvtColor(im, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        out[i] = sharpness(grey), unevenness(grey), tilt(grey)
+    return out
+
+
+def fit_gate(clean: np.ndarray, margin: float = GATE_MARGIN) -> dict:
+    """The gate's thresholds from clean canonical cells: under the least sharpness and over the largest
+    unevenness and tilt of any of them, by `margin` (the bundle's `restore.gate` section)."""
+    s = quality_scores(clean)
+    return {"min_sharpness": float(s[:, 0].min() * margin), "max_unevenness": float(s[:, 1].max() / margin),
+            "max_tilt": float(s[:, 2].max() / margin), "n": int(len(clean)),
+            **{f"clean_{k}_p50": float(v) for k, v in zip(SCORES, np.median(s, axis=0))}}
+
+
+class QualityGate:
+    """Which canonical cells the learned restorer should see: soft (blur, defocus, motion) or unevenly
+    lit ones. Clean cells are not gated, so they pass the restoration step bit-identical."""
+
+    def __init__(self, min_sharpness: float, max_unevenness: float, max_tilt: float = float("inf"), **_fit_figures):
+        self.min_sharpness, self.max_unevenness, self.max_tilt = float(min_sharpness), float(max_unevenness), \
+            float(max_tilt)
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """((B,) bool: restore?, (B, 3) scores: sharpness, unevenness, tilt)."""
+        s = quality_scores(batch)
+        return (s[:, 0] < self.min_sharpness) | (s[:, 1] > self.max_unevenness) | (s[:, 2] > self.max_tilt), s
