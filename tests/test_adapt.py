@@ -90,8 +90,8 @@ def test_bn_statistics_are_reestimated_pooled_over_the_site(home):
 def test_new_bundle_loads_verified_and_its_graph_matches_its_member(home, sample_dir, tmp_path):
     new = Bundle.load(home["new"].root)  # checksums verified
     x = read_cells(new, open_dataset(sample_dir / "cells").subset(range(0, 330, 40)), "cells").x
-    (parity,) = torch_vs_ort(new, x)
-    assert parity["ok"] and parity["max_abs"] < 1e-4
+    parity = torch_vs_ort(new, x)  # every member's graph matches its PyTorch member
+    assert len(parity) == len(new.members) and all(p["ok"] and p["max_abs"] < 1e-4 for p in parity)
     assert _probs(new, x).shape == (len(x), len(new.classes))
     tampered = shutil.copytree(new.root, tmp_path / "tampered")  # the checksums cover the new files
     (tampered / "m0.safetensors").write_bytes((tampered / "m0.safetensors").read_bytes() + b"\0")
@@ -114,8 +114,9 @@ def test_provenance_is_recorded(home):
     assert a["source_bundle"] == str(home["src"].root.resolve()) and a["source_created"]
     assert a["cells"] == {"path": str(home["site"]), "n": 60, "unreadable": []}
     assert a["date"] and a["wbc_edge_version"]
-    (m,) = a["members"]
-    assert m["bn_layers"] > 0 and m["var_abs_log_ratio"] > 0 and m["mean_abs_change"] > 0
+    bn, *others = a["members"]  # the shipped ensemble: a BatchNorm member, then a GroupNorm one
+    assert bn["bn_layers"] > 0 and bn["var_abs_log_ratio"] > 0 and bn["mean_abs_change"] > 0
+    assert [m["bn_layers"] for m in others] == [0] * (len(home["src"].members) - 1)
     for k in ("predictions_before", "predictions_after"):
         assert 0 < a[k]["mean_max_prob"] <= 1 and sum(a[k]["predicted"].values()) == 60
     assert len(a["stain_reference"]["stain_matrix"]) == 3

@@ -120,6 +120,8 @@ def test_site_members_quick(tmp_path, shared_data, sample_bundle):
 
     site_members.main([f"shipped={sample_bundle}", "--quick", "--out", str(tmp_path)])
     (row,) = _payload(tmp_path, "site_members")["rows"]
-    assert row["variant"] == "shipped" and row["members"] == 1 and "mobilenetv3_small_100" in row["what"]
+    shipped = json.loads((sample_bundle / "manifest.json").read_text())
+    assert row["variant"] == "shipped" and row["members"] == len(shipped["members"])
+    assert all(m["arch"] in row["what"] for m in shipped["members"])
     assert 0 <= row["pbc_9class"] <= 1 and 0 <= row["chula_5part-strict"] <= 1
     assert (tmp_path / "site_members.png").stat().st_size > 0

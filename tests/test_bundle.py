@@ -115,7 +115,7 @@ def test_temperature_must_be_positive_and_finite(bundle_copy, temperature):
 
 
 def test_member_weights_must_not_all_be_zero_or_negative(bundle_copy):
-    _edit(bundle_copy, lambda m: m["members"][0].update(weight=0))
+    _edit(bundle_copy, lambda m: [x.update(weight=0) for x in m["members"]])
     with pytest.raises(BundleError, match=r"'members\[\]\.weight' must not all be 0"):
         Bundle.load(bundle_copy)
     _edit(bundle_copy, lambda m: m["members"][0].update(weight=-1))
@@ -174,11 +174,11 @@ def test_no_members_is_refused(bundle_copy):
 
 
 def test_a_member_graph_exported_as_another_member_is_named(bundle_copy, caplog):
-    shutil.copy(bundle_copy / "m0.onnx", bundle_copy / "m1.onnx")
-    _edit(bundle_copy, lambda m: m["members"][0].update(name="m1", onnx="m1.onnx"))
+    shutil.copy(bundle_copy / "m0.onnx", bundle_copy / "m9.onnx")
+    _edit(bundle_copy, lambda m: m["members"][0].update(name="m9", onnx="m9.onnx"))
     with caplog.at_level("WARNING", logger="wbc_edge.bundle"):
-        Bundle.load(bundle_copy, trust_unsigned=True)  # m1.onnx has no checksum: its own copy
-    assert "m1.onnx was exported as member 'm0', the manifest runs it as 'm1'" in caplog.text
+        Bundle.load(bundle_copy, trust_unsigned=True)  # m9.onnx has no checksum: its own copy
+    assert "m9.onnx was exported as member 'm0', the manifest runs it as 'm9'" in caplog.text
 
 
 def test_a_fused_graph_that_disagrees_with_the_members_is_refused(bundle_copy):
@@ -188,8 +188,8 @@ def test_a_fused_graph_that_disagrees_with_the_members_is_refused(bundle_copy):
     _edit(bundle_copy, lambda m: m["members"][0].update(weight=2.0))
     with pytest.raises(BundleError, match="'fused.weights' .* differ from the members' weights"):
         Bundle.load(bundle_copy)
-    _edit(bundle_copy, lambda m: m["fused"].update(weights=[2.0]))  # the graph still has 1.0 built in
-    with pytest.raises(BundleError, match=r"ensemble.onnx has weights \[1.0\] built in"):
+    _edit(bundle_copy, lambda m: m["fused"].update(weights=[2.0, 1.0]))  # the graph still has 1.0 built in
+    with pytest.raises(BundleError, match=r"ensemble.onnx has weights \[1.0, 1.0\] built in"):
         Bundle.load(bundle_copy)
     _edit(bundle_copy, lambda m: (m["members"][0].update(weight=1.0), m["fused"].update(members=["m9"])))
     with pytest.raises(BundleError, match="'fused.members' .* differs from the members"):

@@ -42,7 +42,9 @@ def test_ensemble_predicts_the_weighted_mean_of_its_sources(sources, tmp_path):
     pa, pb = _raw(a, x), _raw(b, x)
     assert np.abs(pa - pb).max() > 1e-3  # the sources differ, so the weights matter
     new = Bundle.load(combine([a.root, b.root], tmp_path / "ens", weights=[1.0, 3.0]).root)  # verified
-    assert [m.name for m in new.members] == ["m0", "m1"] and [m.weight for m in new.members] == [1.0, 3.0]
+    na, nb = len(a.members), len(b.members)
+    assert [m.name for m in new.members] == [f"m{i}" for i in range(na + nb)]
+    assert [m.weight for m in new.members] == [m.weight for m in a.members] + [3 * m.weight for m in b.members]
     np.testing.assert_allclose(_raw(new, x), (pa + 3 * pb) / 4, atol=1e-5)
     for m in new.members:  # each graph names its new member
         meta = {p.key: p.value for p in onnx.load(str(new.path(m.onnx))).metadata_props}
@@ -82,7 +84,9 @@ def test_cli_combines_and_refuses_bad_weights(sources, tmp_path):
     assert r.exit_code == 1 and "not all zero" in r.output
     r = CliRunner().invoke(main, ["combine", a, b, "--out", str(tmp_path / "ens"), "--weights", "2,1"])
     assert r.exit_code == 0, r.output
-    assert "2 members" in r.output and [m.weight for m in Bundle.load(tmp_path / "ens").members] == [2.0, 1.0]
+    n = len(sources["a"].members)
+    assert f"{2 * n} members" in r.output
+    assert [m.weight for m in Bundle.load(tmp_path / "ens").members] == [2.0] * n + [1.0] * n
 
 
 def test_an_out_folder_in_use_is_refused(sources, tmp_path):

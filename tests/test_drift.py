@@ -51,7 +51,7 @@ def no_drift_bundle(bundle_copy):
 def test_shipped_bundle_carries_training_statistics(sample_bundle):
     sec = Bundle.load(sample_bundle).extra["drift"]
     assert sec["features"] == list(drift.FEATURES) and sec["threshold"] == drift.THRESHOLD
-    assert "pbc-176" in sec["fitted_on"] and sec["n_cells"] >= 1000
+    assert sec["fitted_on"] and sec["n_cells"] >= 1000  # the training run's cells (its drift_cells.csv)
     ref = drift.Reference.from_section(sec)
     assert np.all(ref.spread > 0) and np.all(ref.spread[0] > ref.spread[-1])  # a 1-cell mean varies most
 

@@ -416,8 +416,9 @@ def test_classifier_on_cuda_asks_for_the_members_engine_and_falls_back_cleanly(b
 
     b = Bundle.load(bundle_copy)
     (bundle_copy / "engines").mkdir()
-    (bundle_copy / "engines" / "m0.fp16.engine").write_bytes(b"not run here")
-    b.members[0].artifacts["trt-fp16"] = "engines/m0.fp16.engine"
+    for m in b.members:  # every member has its engine to try
+        (bundle_copy / "engines" / f"{m.name}.fp16.engine").write_bytes(b"not run here")
+        m.artifacts["trt-fp16"] = f"engines/{m.name}.fp16.engine"
     b.save()
     b = Bundle.load(bundle_copy)
     x = load_bundle_cells(b, sample_dir / "cells")[0][::15]
