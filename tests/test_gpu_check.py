@@ -2,6 +2,7 @@
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,35 @@ def test_row_comparison_sees_a_changed_class():
 def test_help_names_the_options():
     run = subprocess.run([str(ROOT / "scripts" / "gpu-check"), "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and "--wheels" in run.stdout and "--budget-s" in run.stdout
+
+
+def _cuda_runner_here() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(_cuda_runner_here(), reason="ONNX Runtime has CUDA here: --device cuda does not fall back")
+@pytest.mark.parametrize("command", ["evaluate", "stream"])
+def test_device_cuda_without_a_gpu_falls_back_to_the_cpu_in_one_logged_line(command, tmp_path):
+    """evaluate and stream alike: exit 0, one warning line saying the run is on the CPU and why, the same
+    rows as --device cpu."""
+    data = str(ROOT / "data/sample/cells" if command == "evaluate" else ROOT / "data/sample/frames/JPEGImages")
+    rows = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        run = subprocess.run([sys.executable, "-m", "wbc_edge.cli", command, data, "--bundle",
+                              str(ROOT / "data/sample/bundle"), "--out", str(out), "--device", device]
+                             + (["--no-report"] if command == "stream" else []),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        said = [line for line in run.stderr.splitlines() if "--device cuda" in line]
+        if device == "cuda":
+            assert len(said) == 1, run.stderr  # one line for both members, not one per member and runner
+            assert "running on ort-cpu" in said[0] and "ort-cuda: ONNX Runtime has no CUDAExecutionProvider" in said[0]
+            assert "Traceback" not in run.stderr
+        else:
+            assert not said
+        name = "predictions.jsonl" if command == "evaluate" else "cells.jsonl"
+        rows[device] = [(r.get("pred"), r.get("confidence")) for r in map(json.loads, (out / name).read_text().splitlines())]
+    assert rows["cpu"] and rows["cpu"] == rows["cuda"]

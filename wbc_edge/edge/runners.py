@@ -77,6 +77,8 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         wanted = self.PROVIDERS[self.device]
+        if self.device == "cuda" and hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN
+            ort.preload_dlls()  # from the nvidia-* wheels of `onnxruntime-gpu[cuda,cudnn]`, not the system
         if wanted[0] not in ort.get_available_providers():
             raise RunnerError(f"ONNX Runtime has no {wanted[0]} here (install 'wbc-edge[gpu]' on a CUDA machine)")
         try:
@@ -115,8 +117,18 @@ def _factory(kind: str, onnx_path, engine_path=None, threads=None) -> Runner:
     raise ValueError(f"unknown runner kind {kind!r}")
 
 
+_said: set[str] = set()  # fallback lines already logged: one line per reason, not one per member
+
+
+def _say_once(text: str) -> None:
+    if text not in _said:
+        _said.add(text)
+        log.warning("%s", text)
+
+
 def open_runner(onnx_path, device: str = "cpu", engine_path=None, threads: int | None = None) -> Runner:
-    """Activate the first runner that works for `device`, logging every fallback and the final choice."""
+    """Activate the first runner that works for `device`. A fallback is logged once per reason: with
+    `--device cuda` on a machine without a usable GPU that is one line saying the run is on the CPU and why."""
     errors = []
     for kind in FALLBACKS[device]:
         try:
@@ -124,8 +136,10 @@ def open_runner(onnx_path, device: str = "cpu", engine_path=None, threads: int |
             runner.activate()
         except Exception as exc:  # noqa: BLE001 - each failure is logged and the next runner tried
             errors.append(f"{kind}: {exc}")
-            log.warning("runner %s unavailable (%s); falling back", kind, exc)
+            log.info("runner %s unavailable (%s); falling back", kind, exc)
             continue
+        if errors:
+            _say_once(f"--device {device}: running on {kind} ({'; '.join(errors)})")
         log.info("running %s on %s", Path(onnx_path).name, runner.name)
         return runner
     raise RunnerError("no runner could start:\n  " + "\n  ".join(errors))
