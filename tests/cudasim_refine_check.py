@@ -44,9 +44,52 @@ def check(name: str, ok: bool) -> bool:
     return ok
 
 
+P = 20  # crops for the product path: big enough for a nucleus to be segmented, small for the simulator
+
+
+def pair_cells(per_class: int, skip: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Real SNE and BNE cells (a refinement pair) shrunk to P px, and their classes."""
+    cells, crops, labels = ROOT / "data" / "sample" / "cells", [], []
+    for c in ("SNE", "BNE"):
+        for path in sorted((cells / c).glob("*.jpg"))[skip:skip + per_class]:
+            crops.append(cv2.resize(read_image(path), (P, P), interpolation=cv2.INTER_AREA))
+            labels.append(c)
+    return np.ascontiguousarray(np.stack(crops)), labels
+
+
+def product_path() -> list[bool]:
+    """Refiner.for_bundle(bundle, True, 'cuda') -> phase 3 computes its features with the CUDA kernels on
+    the device batch; the refined classes and every recorded change equal the CPU refiner's."""
+    from wbc_edge.bundle import Bundle
+    from wbc_edge.edge.refine.models import MorphologyModel
+    from wbc_edge.edge.refine.refiner import Refiner
+
+    bundle = Bundle.load(ROOT / "data" / "sample" / "bundle")
+    fit_x, fit_y = pair_cells(8, skip=3)  # the per-class models, fitted on other cells than those refined
+    model = MorphologyModel.fit(F.morphology_features(fit_x), fit_y, bundle.classes)
+    bundle.extra["refine"] = {"morphology": {"enabled": True, "model": model.to_dict(), "pairs": [["SNE", "BNE"]],
+                                             "close": 0.25, "outliers": {}}}
+    crops, _ = pair_cells(3)
+    probs = np.full((len(crops), len(bundle.classes)), 0.01, np.float32)
+    probs[:, bundle.classes.index("SNE")], probs[:, bundle.classes.index("BNE")] = 0.5, 0.4  # all close calls
+    cpu, gpu = Refiner.for_bundle(bundle, True, "cpu"), Refiner.for_bundle(bundle, True, "cuda")
+    (pred_c, ch_c), (pred_g, ch_g) = cpu(probs, crops), gpu(probs, crops)
+    switched = sum(bool(c) for c in ch_c)
+    print(f"     product path: {switched} of {len(crops)} close calls switched to BNE")
+    feats_c, nuc_c, cell_c = F.morphology_features(crops, return_masks=True)
+    feats_g, nuc_g, cell_g = C.morphology_features_cuda(crops, return_masks=True)
+    return [check("Refiner(device='cuda') runs the CUDA features", gpu.features_device == "cuda"
+                  and cpu.features_device == "cpu"),
+            check("morphology_features_cuda == morphology_features", np.array_equal(nuc_c, nuc_g)
+                  and np.array_equal(cell_c, cell_g) and np.allclose(feats_c, feats_g, rtol=1e-5, atol=1e-6)
+                  and (feats_c[:, 0] > 0).any()),
+            check("refined classes and changes equal the CPU path", np.array_equal(pred_c, pred_g) and ch_c == ch_g
+                  and 0 < switched < len(crops))]
+
+
 def main() -> int:
     crops = tiny_crops()
-    results = []
+    results = product_path()
     nuclear, od = F.stain_maps(crops)
     nuclear_g, od_g = C.stain_maps_cuda(crops)
     results.append(check("stain_maps", np.array_equal(nuclear, nuclear_g) and np.array_equal(od, od_g)))

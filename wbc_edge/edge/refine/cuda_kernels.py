@@ -18,6 +18,7 @@ import numpy as np
 from numba import cuda, float32, float64, int32
 
 from . import _scalar
+from . import features as F
 from .features import N_ANGLES, OD_LUT, OTSU_STEP
 
 NBINS = _scalar.NBINS
@@ -150,14 +151,19 @@ def _device(a, dtype):
     return cuda.as_cuda_array(a)
 
 
-def stain_maps_cuda(crops) -> tuple[np.ndarray, np.ndarray]:
-    """CUDA twin of features.stain_maps."""
-    d_crops = _device(crops, np.uint8)
+def _stain_maps_device(d_crops):
+    """(nuclear score, mean OD) as device arrays of a crop batch already on the device."""
     b, s = d_crops.shape[0], d_crops.shape[1]
     nuclear = cuda.device_array((b, s, s), np.float32)
     od = cuda.device_array((b, s, s), np.float32)
     n = b * s * s
     _stain_maps_k[(n + 255) // 256, 256](d_crops, cuda.to_device(OD_LUT), nuclear, od)
+    return nuclear, od
+
+
+def stain_maps_cuda(crops) -> tuple[np.ndarray, np.ndarray]:
+    """CUDA twin of features.stain_maps."""
+    nuclear, od = _stain_maps_device(_device(crops, np.uint8))
     return nuclear.copy_to_host(), od.copy_to_host()
 
 
@@ -185,3 +191,38 @@ def radial_profiles_cuda(nucleus, centroids, n_bins: int = N_ANGLES) -> np.ndarr
     out = cuda.to_device(np.full((d_nuc.shape[0], n_bins), -1.0, np.float32))
     _radial_k[d_nuc.shape[0], THREADS](d_nuc, _device(centroids, np.float64), out)
     return out.copy_to_host()
+
+
+def _check_device_crops(d_crops) -> None:
+    shape = tuple(d_crops.shape)
+    if len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or np.dtype(d_crops.dtype) != np.uint8:
+        raise ValueError(f"expected uint8 B x S x S x 3 RGB crops, got {d_crops.dtype} {shape}")
+
+
+def morphology_features_cuda(crops, nuclear=None, return_masks: bool = False):
+    """The CUDA path of features.morphology_features, same columns, same numbers up to summation order.
+
+    `crops` (uint8 B x S x S x 3) is a NumPy array (copied to the device once) or already a device array
+    (CuPy, numba: used where it is). The per-pixel stages run as kernels on that device batch: stain
+    maps, region sums (on the device OD map) and radial profiles; segmentation (connected components,
+    rays) and shape (hull, lobes) are connectivity-bound and stay on the CPU, as in the module docstring.
+    """
+    d_crops = _device(crops, np.uint8)
+    _check_device_crops(d_crops)
+    d_score, d_od = _stain_maps_device(d_crops)
+    od = d_od.copy_to_host()
+    score = d_score.copy_to_host() if nuclear is None else np.asarray(nuclear, np.float32)
+    if score.shape != od.shape:
+        raise ValueError(f"nuclear must be {od.shape}, got {score.shape}")
+    nucleus, cell = F.segment(score, od)
+    b = nucleus.shape[0]
+    d_nucleus = cuda.to_device(nucleus)
+    stats = cuda.device_array((b, N_STATS), np.float64)
+    if b:
+        _region_stats_k[b, THREADS](d_nucleus, cuda.to_device(cell), d_od, stats)
+    st = stats.copy_to_host()
+    profiles = cuda.to_device(np.full((b, N_ANGLES), -1.0, np.float32))
+    if b:
+        _radial_k[b, THREADS](d_nucleus, cuda.to_device(F.nucleus_centroids(st)), profiles)
+    feats = F.assemble(st, F.profile_features(profiles.copy_to_host()), F.shape_stats(nucleus))
+    return (feats, nucleus, cell) if return_masks else feats

@@ -10,6 +10,7 @@ Phases (each configured in the bundle's `refine` section, each with `enabled`):
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -20,6 +21,29 @@ from ...data.datasets import load_bundle_cells
 from ..confidence import calibrated_validation
 from .boost import adjusted, fit_offsets
 
+log = logging.getLogger("wbc_edge.refine")
+
+
+def features_for(device: str):
+    """(morphology-feature function, where it runs): the CUDA kernels for device 'cuda' where numba.cuda
+    has a GPU (or the simulator, NUMBA_ENABLE_CUDASIM=1), else the fused CPU kernel; a CUDA request that
+    cannot be met is said once in the log, as the runner chain does."""
+    if device == "cuda":
+        try:
+            from numba import cuda
+
+            if cuda.is_available():
+                from .cuda_kernels import morphology_features_cuda
+
+                return morphology_features_cuda, "cuda"
+            reason = "numba.cuda finds no CUDA GPU"
+        except Exception as exc:  # noqa: BLE001 - a broken CUDA driver/toolkit raises its own types
+            reason = f"{type(exc).__name__}: {exc}"
+        log.warning("--device cuda: refinement features on the CPU (%s)", reason)
+    from .features import morphology_features
+
+    return morphology_features, "cpu"
+
 
 class Refiner:
     def __init__(self, config: dict | None, classes: list[str], root=None, device: str = "cpu"):
@@ -28,12 +52,15 @@ class Refiner:
         self.offsets = np.asarray(boost["offsets"]) if boost.get("enabled") and "offsets" in boost else None
         bio = self.config.get("morphology", {})
         self.bio = bio if bio.get("enabled") else None
+        self.features_device = None  # where phase 3's features run ("cpu"/"cuda"); None: phase 3 is off
         if self.bio is not None:  # parsed once here: __call__ runs per stream micro-batch
             from .models import MorphologyModel
 
             self._model = MorphologyModel.from_dict(self.bio["model"])
             self._pairs = [tuple(p) for p in self.bio["pairs"]]
             self._outliers = {k: tuple(v) for k, v in self.bio.get("outliers", {}).items()}
+            # phase 3's features: Numba CUDA kernels on the device batch with device 'cuda', else the CPU
+            self._features, self.features_device = features_for(device)
         verify = self.config.get("verify", {})
         self.verify = verify if verify.get("enabled") else None
         if self.verify is not None and root is None:
@@ -65,14 +92,15 @@ class Refiner:
             pred = self._verified(pred, new, crops, changes, cache)
         if self.bio is not None and crops is not None and len(crops):
             from .biofilter import bio_filter
-            from .features import morphology_features
 
             feats: dict[int, np.ndarray] = {}
+            # a device batch (CuPy) stays where it is; anything else is one host array
+            batch = crops if hasattr(crops, "__cuda_array_interface__") else np.asarray(crops)
 
             def feats_of(idx):  # only the cells a pair may switch (a close call), each computed once
                 todo = [i for i in idx if i not in feats]
                 if todo:
-                    feats.update(zip(todo, morphology_features(np.asarray(crops)[todo])))
+                    feats.update(zip(todo, self._features(batch[np.asarray(todo)])))
                 return np.stack([feats[i] for i in idx])
 
             new, bio_changes = bio_filter(probs, pred, feats_of, self._model, self.classes, self._pairs,
