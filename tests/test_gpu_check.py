@@ -69,6 +69,10 @@ def test_device_cuda_without_a_gpu_falls_back_to_the_cpu_in_one_logged_line(comm
             assert "Traceback" not in run.stderr
         else:
             assert not said
+        if command == "stream":  # each timed stage says where it ran: here all on the CPU, the fallback included
+            timing = json.loads((out / "summary.json").read_text())["timing"]
+            assert {"decode", "localise", "infer"} <= set(timing)
+            assert {t["device"] for t in timing.values()} == {"cpu"}, timing
         name = "predictions.jsonl" if command == "evaluate" else "cells.jsonl"
         rows[device] = [(r.get("pred"), r.get("confidence")) for r in map(json.loads, (out / name).read_text().splitlines())]
     assert rows["cpu"] and rows["cpu"] == rows["cuda"]

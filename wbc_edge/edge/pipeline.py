@@ -560,6 +560,20 @@ def _status(pipe: Pipeline | None, source: Source, signum: int | None) -> tuple[
     return "completed", None
 
 
+def _stage_devices(pipe: Pipeline) -> dict[str, str]:
+    """Per timed stage, where it ran: the runner's device for `infer` (the ensemble; the stain step before it
+    is host code), the refinement features' device for `refine`, the CPU for the others."""
+    runners = getattr(pipe.clf, "runners", None) or []
+    infer = "cpu"
+    if getattr(pipe.clf, "server", None):
+        infer = "server"
+    elif runners and str(getattr(runners[0], "device", "cpu")).startswith("cuda"):
+        infer = "cuda"
+    refiner = getattr(pipe.labeller, "refiner", None)
+    refine = getattr(refiner, "features_device", None) or "cpu"
+    return {**{stage: "cpu" for stage in pipe.times.total}, "infer": infer, "refine": refine}
+
+
 def _summarise(pipe: Pipeline | None, status: str, error: str | None, signum: int | None = None,
                **info) -> StreamSummary:
     diff = info.pop("diff")
@@ -578,6 +592,9 @@ def _summarise(pipe: Pipeline | None, status: str, error: str | None, signum: in
     s.scales = dict(pipe.scales)
     s.drift = pipe.monitor.report()
     s.timing = pipe.times.as_dict(pipe.frames)
+    for stage, where in _stage_devices(pipe).items():  # where each stage ran: cpu / cuda (/ server)
+        if stage in s.timing:
+            s.timing[stage]["device"] = where
     s.fps, s.cells_per_s = round(pipe.frames / wall, 3), round(pipe.cells / wall, 3)
     s.latency_ms = {k: (round(1e3 * v, 2) if v is not None else None) for k, v in
                     {"p50": lat.quantile(0.5), "p99": lat.quantile(0.99), "max": lat.max if lat.n else None,
