@@ -149,8 +149,8 @@ def test_uneven_light_does_not_make_cells(sample_dir):
     assert match(localise(dim), truth)[:3] == (1, 0, 0)
 
 
-def test_chula_frames_of_another_lab(shared_data):
-    # Another microscope, camera, stain and hospital (never fitted on): 8 of the 29 frames.
+def _chula_frames(shared_data):
+    """(the Chula folder, its frames' true WBC boxes by frame name); skipped where the frames are absent."""
     root = shared_data / "chula-rpi"
     if not (root / "frames.csv").is_file():
         pytest.skip("Chula frames are not in ../shared/data")
@@ -158,6 +158,12 @@ def test_chula_frames_of_another_lab(shared_data):
     with open(root / "frames.csv", newline="") as fh:
         for r in csv.DictReader(fh):
             truth.setdefault(r["frame"], []).append([float(r[k]) for k in ("x0", "y0", "x1", "y1")])
+    return root, truth
+
+
+def test_chula_frames_of_another_lab(shared_data):
+    # Another microscope, camera, stain and hospital (never fitted on): 8 of the 29 frames.
+    root, truth = _chula_frames(shared_data)
     tp = fp = fn = 0
     for f in sorted((root / "frames").glob("*.jpg"))[::4]:
         a, b, c, _ = match(localise(read_image(f)), truth.get(f.name, []), 0.3)
@@ -172,13 +178,7 @@ def test_the_faster_working_scale_finds_every_cell_the_old_one_did(shared_data):
 
     from wbc_edge.edge.localise import work_image
 
-    root = shared_data / "chula-rpi"
-    if not (root / "frames.csv").is_file():
-        pytest.skip("Chula frames are not in ../shared/data")
-    truth = {}
-    with open(root / "frames.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            truth.setdefault(r["frame"], []).append([float(r[k]) for k in ("x0", "y0", "x1", "y1")])
+    root, truth = _chula_frames(shared_data)
     old, new = replace(LocaliserConfig(), work_rbc_px=48.0), LocaliserConfig()
     assert new.work_rbc_px == 32.0
     found = {0.3: [0, 0], 0.5: [0, 0]}
