@@ -197,7 +197,8 @@ def main(argv=None) -> None:
             f"{args.batch} cells per request, {args.seconds:.0f} s per configuration, each stream a process). "
             "Server: tritonserver 2.51 from the nvidia-pytriton wheel, the repository's graph in its Python "
             "backend under ONNX Runtime CPU, one instance, dynamic batching (queue delay 2 ms). In-process: "
-            "ONNX Runtime CPU with cores/streams threads per stream. Same machine for both. "
+            "ONNX Runtime CPU with cores/streams threads per stream, the bundle as it is (its members one by "
+            "one unless it carries a fused graph; the server always serves the fused graph). Same machine. "
             f"Load: training running {load['training_running']} (before) / {load_after['training_running']} "
             f"(after), 1-min load average {load['loadavg_1m']} before.")
     out = write_results("serve", {"rows": rows, "load_before": load, "load_after": load_after,
