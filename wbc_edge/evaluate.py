@@ -97,7 +97,7 @@ def _classify(bundle, ds, pre, device, precision, views, batch_size, progress, r
         finally:
             refiner.close()
         rec.attach([r for r in rows if r.get("pred")])
-        run = {"runner": clf.runners[0].name, "refined": refiner.active, "views": clf.views}
+        run = {"runner": clf.runner_name, "refined": refiner.active, "views": clf.views}
         return rows, {**run, "server": clf.server_report} if server else run
 
 

@@ -101,6 +101,11 @@ class EnsembleClassifier:
         """The remote runner's record (model, checksum, requests, outages), kept up to date; None in-process."""
         return self.runners[0].report if self.server and self.runners else None
 
+    @property
+    def runner_name(self) -> str:
+        """What runs the ensemble, every member's runner (or the one fused/remote graph's)."""
+        return ", ".join(r.name for r in self.runners)
+
     def deactivate(self) -> None:
         for r in self.runners:
             r.deactivate()

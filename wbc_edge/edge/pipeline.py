@@ -654,7 +654,7 @@ def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max
         out = Path(out_dir)
         pre = Preprocessor.for_bundle(bundle, pixel_size, same_scale=scale_per == "slide")
         info = {"source": str(source), "mode": src.mode, "bundle": str(bundle_dir), "views": views,
-                "precision": precision, "runner": clf.runners[0].name if clf.runners else "",
+                "precision": precision, "runner": clf.runner_name,
                 "load_s": round(time.perf_counter() - t_load, 3),
                 "skipped": [asdict(s) for s in getattr(src, "skipped", [])],
                 "server": clf.server_report}  # the runner's live record: outages during the run included
