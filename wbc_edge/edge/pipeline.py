@@ -48,7 +48,7 @@ from .sinks import (
     atomic_write_text,
     write_failed,
 )
-from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, claim, exit_code_for, signal_of
+from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, exit_code_for, owns_output, signal_of
 from .sources import Frame, Source, open_source
 from .stats import LogHistogram, RssTrace, StageTimes, rss_mb
 
@@ -605,6 +605,7 @@ def _summarise(pipe: Pipeline | None, status: str, error: str | None, signum: in
     return s
 
 
+@owns_output("out_dir", STREAM_OUTPUTS)
 def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "cpu", precision: str = "fp32",
                views=None, max_batch: int = 64, max_delay_ms: float = 20.0, annotate: bool = False,
                report: bool = True, loop: int = 1, max_frames: int | None = None, *, workers: int = 1,
@@ -624,19 +625,6 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
     checked writable, locked against a second run, an earlier run's outputs removed: `outdir.claim`).
     `pace_fps` plays a folder or video file at that frame rate, as a camera would deliver it.
     """
-    with claim(out_dir, STREAM_OUTPUTS):
-        return _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch,
-                           max_delay_ms, annotate, report, loop, max_frames, workers=workers, top_k=top_k,
-                           low_confidence=low_confidence, rare_min_prob=rare_min_prob, review_max=review_max,
-                           pixel_size=pixel_size, scale_per=scale_per, localiser_config=localiser_config,
-                           retries=retries, backoff_s=backoff_s, watch_idle_s=watch_idle_s, threads=threads,
-                           refine=refine, on_progress=on_progress, server=server, pace_fps=pace_fps)
-
-
-def _run_stream(source, bundle_dir, out_dir, mode, device, precision, views, max_batch, max_delay_ms,
-                annotate, report, loop, max_frames, *, workers, top_k, low_confidence, rare_min_prob, review_max,
-                pixel_size, scale_per, localiser_config, retries, backoff_s, watch_idle_s, threads, refine,
-                on_progress, server=None, pace_fps=None) -> StreamSummary:
     rss_start, t_load = rss_mb(), time.perf_counter()
     bundle = Bundle.load(bundle_dir)
     src = open_source(source, mode, loop=loop, max_frames=max_frames, retries=retries, backoff_s=backoff_s,

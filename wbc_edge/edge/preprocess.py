@@ -17,6 +17,7 @@ the PyTorch side uses `normalise` below with the same bundle values, so both see
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import cv2
@@ -66,7 +67,9 @@ def background_colour(image: np.ndarray) -> tuple[int, int, int]:
 
 
 def cut_window(image: np.ndarray, cx: float, cy: float, side: float, fill) -> np.ndarray:
-    """The side x side window centred on (cx, cy), padded with `fill` where it leaves the image."""
+    """The side x side window centred on (cx, cy), padded with `fill` where it leaves the image. `fill`
+    is a colour, or a callable giving it, called only when padding is needed (measuring the smear's
+    background costs a percentile per cell: most windows lie inside the image)."""
     n = max(1, int(round(side)))
     x0, y0 = int(round(cx - n / 2)), int(round(cy - n / 2))
     h, w = image.shape[:2]
@@ -74,7 +77,7 @@ def cut_window(image: np.ndarray, cx: float, cy: float, side: float, fill) -> np
     if (sx0, sy0, sx1, sy1) == (x0, y0, x0 + n, y0 + n):
         return image[y0:y0 + n, x0:x0 + n]
     out = np.empty((n, n, 3), np.uint8)
-    out[:] = fill
+    out[:] = fill() if callable(fill) else fill
     if sx1 > sx0 and sy1 > sy0:
         out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
     return out
@@ -147,13 +150,9 @@ class Preprocessor:
             return resize_batch([image], self.size, self.interpolation)[0]
         h, w = image.shape[:2]
         cx, cy = centre if centre is not None else (w / 2, h / 2)
-        side = self.window_side(scale)
-        n = max(1, int(round(side)))
-        x0, y0 = int(round(cx - n / 2)), int(round(cy - n / 2))  # as cut_window places it
-        inside = x0 >= 0 and y0 >= 0 and x0 + n <= w and y0 + n <= h
-        if fill is None:  # the background is measured only when the window needs padding (per-cell hot path)
-            fill = (0, 0, 0) if inside else background_colour(image)
-        return resize_batch([cut_window(image, cx, cy, side, fill)], self.size, self.interpolation)[0]
+        fill = fill if fill is not None else (lambda: background_colour(image))
+        return resize_batch([cut_window(image, cx, cy, self.window_side(scale), fill)], self.size,
+                            self.interpolation)[0]
 
     def restore(self, batch: np.ndarray):
         """The learned-restoration step on canonical cells (before the colour step): (cells, GateResult or
@@ -185,7 +184,10 @@ class Preprocessor:
     def crops(self, images, slides=None) -> Prepared:
         """Single-cell crops (native size) -> model input."""
         slides = slides or [""] * len(images)
-        done = [self.crop(im, s) for im, s in zip(images, slides)]
+        return self._model_input([self.crop(im, s) for im, s in zip(images, slides)])
+
+    def _model_input(self, done: list[tuple[np.ndarray, Scale, bool]]) -> Prepared:
+        """`crop` results -> Prepared: the restoration and colour steps over the whole batch."""
         batch = np.stack([d[0] for d in done]) if done else np.zeros((0, self.size, self.size, 3), np.uint8)
         batch, gate = self.restore(batch)
         return Prepared(self.stain(batch), [d[1] for d in done], np.asarray([d[2] for d in done], bool), gate)
@@ -193,15 +195,10 @@ class Preprocessor:
     def frame_cells(self, frame: np.ndarray, boxes, scale: Scale) -> np.ndarray:
         """Canonical cells around each localiser box of a (guarded) frame, before the stain step."""
         out = np.empty((len(boxes), self.size, self.size, 3), np.uint8)
-        fill = None  # the smear's background, measured once per frame and only if a window leaves it
-        n, (h, w) = max(1, int(round(self.window_side(scale)))), frame.shape[:2]
+        fill = functools.cache(lambda: background_colour(frame))  # once per frame, only if a window leaves it
         for i, b in enumerate(boxes):
             x0, y0, x1, y1 = b.as_list() if hasattr(b, "as_list") else b
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            left, top = int(round(cx - n / 2)), int(round(cy - n / 2))  # as cut_window places it
-            if fill is None and not (left >= 0 and top >= 0 and left + n <= w and top + n <= h):
-                fill = background_colour(frame)
-            out[i] = self.canonical(frame, scale, (cx, cy), fill if fill is not None else (0, 0, 0))
+            out[i] = self.canonical(frame, scale, ((x0 + x1) / 2, (y0 + y1) / 2), fill)
         return out
 
     def load(self, dataset, progress: bool = False, workers: int = 4, max_bytes: int = 256 << 20):
@@ -213,17 +210,11 @@ class Preprocessor:
         large frames must not hold 64 native images at once."""
         from ..data.inventory import byte_chunks
 
-        cells, scales, restored, kept, errors = [], [], [], [], []
+        done, kept, errors = [], [], []
         for run in byte_chunks([s.path for s in dataset.samples], max_bytes):
             images, k, errs = dataset.subset(run).load(progress=progress, workers=workers)
-            for j, img in zip(k, images):
-                cell, scale, fixed = self.crop(img, dataset.samples[run[j]].group or "")
-                cells.append(cell)
-                scales.append(scale)
-                restored.append(fixed)
+            done += [self.crop(img, dataset.samples[run[j]].group or "") for j, img in zip(k, images)]
             kept += [run[j] for j in k]
             errors += [replace(e, index=run[e.index]) for e in errs]
-        batch = np.stack(cells) if cells else np.zeros((0, self.size, self.size, 3), np.uint8)
-        batch, gate = self.restore(batch)
-        prepared = Prepared(self.stain(batch), scales, np.asarray(restored, bool), gate)
+        prepared = self._model_input(done)
         return prepared.batch, np.asarray(kept, np.int64), errors, prepared
