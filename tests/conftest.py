@@ -33,3 +33,13 @@ def bundle_copy(tmp_path, sample_bundle) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(sample_bundle, dst, ignore=shutil.ignore_patterns("*.int8*"))
     return dst
+
+
+def copy_sample_cells(dst: Path, codes=("LY", "EO"), n: int = 2) -> Path:
+    """A small ImageFolder at `dst`: the first `n` sample cells of each class in `codes` (real cells,
+    scoreable by evaluate) -> dst."""
+    for code in codes:
+        (dst / code).mkdir(parents=True, exist_ok=True)
+        for p in sorted((SAMPLE / "cells" / code).glob("*.jpg"))[:n]:
+            shutil.copy(p, dst / code / p.name)
+    return dst

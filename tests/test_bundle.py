@@ -3,8 +3,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_sample_cells
 
-from wbc_edge.bundle import SELF, TRUST_ENV, Bundle, BundleError, Member, Preprocess, manifest_digest
+from wbc_edge.bundle import SELF, TRUST_ENV, Bundle, BundleError, Member, manifest_digest
 
 
 @pytest.fixture(autouse=True)
@@ -262,12 +263,7 @@ def test_save_signs_what_load_reads(bundle_copy):
 
 # ---- the command line: one line, no traceback, no output folder ---------------------------------------
 def _cells(tmp_path, sample_dir):
-    data = tmp_path / "cells"
-    for code in ("LY", "EO"):
-        (data / code).mkdir(parents=True)
-        for p in sorted((sample_dir / "cells" / code).glob("*.jpg"))[:2]:
-            shutil.copy(p, data / code / p.name)
-    return data
+    return copy_sample_cells(tmp_path / "cells")
 
 
 def test_cli_refuses_an_edited_bundle_in_one_line(bundle_copy, sample_dir, tmp_path):

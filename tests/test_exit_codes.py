@@ -7,7 +7,6 @@ Most tests run the CLI in a subprocess on a few sample cells and frames and send
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from conftest import copy_sample_cells
 
 from wbc_edge.cli import main
 from wbc_edge.edge import sinks
@@ -55,14 +55,9 @@ def _snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def cells(sample_dir, tmp_path_factory):
+def cells(tmp_path_factory):
     """A few cells of two classes (an ImageFolder, so evaluate can score it)."""
-    root = tmp_path_factory.mktemp("cells")
-    for code in ("LY", "EO"):
-        (root / code).mkdir()
-        for f in sorted((sample_dir / "cells" / code).glob("*.jpg"))[:2]:
-            shutil.copy(f, root / code)
-    return root
+    return copy_sample_cells(tmp_path_factory.mktemp("cells"))
 
 
 @pytest.fixture(scope="module")

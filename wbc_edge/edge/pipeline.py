@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle
+from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, exit_code_for, owns_output, signal_of
 from ..taxonomy import RARE_CODES
 from . import tta
 from .classifier import EnsembleClassifier
@@ -48,7 +49,6 @@ from .sinks import (
     atomic_write_text,
     write_failed,
 )
-from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, exit_code_for, owns_output, signal_of
 from .sources import Frame, Source, open_source
 from .stats import LogHistogram, RssTrace, StageTimes, rss_mb
 
