@@ -76,13 +76,11 @@ def site_check(bundle: Path) -> dict:
 
 
 def plot(rows, clean, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from wbc_edge.metrics import new_figure
 
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds), 3), sharey=True)
+    fig = new_figure((2.6 * len(kinds), 3))
+    axes = fig.subplots(1, len(kinds), sharey=True)
     for ax, kind in zip(np.atleast_1d(axes), kinds):
         pts = [r for r in rows if r["kind"] == kind]
         ax.plot([r["severity"] for r in pts], [r["f1_off"] for r in pts], "o-", label="without")
@@ -94,7 +92,6 @@ def plot(rows, clean, path: Path) -> None:
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
