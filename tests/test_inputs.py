@@ -13,7 +13,7 @@ import pytest
 
 from wbc_edge.data import datasets
 from wbc_edge.data.degrade import degrade_dataset
-from wbc_edge.data.images import ImageReadError, decode_image, read_image
+from wbc_edge.data.images import ImageReadError, decode_image, read_image, read_scaled
 from wbc_edge.data.inventory import byte_chunks, list_inputs
 from wbc_edge.edge.pipeline import run_stream
 from wbc_edge.edge.sources import FileSource, WatchSource
@@ -89,6 +89,23 @@ def test_large_jpeg_is_decoded_at_reduced_size(sample_dir):
     h, w = full.shape[:2]
     small = read_image(frame, limit=(w // 4 + 1) * (h // 4 + 1))
     assert small.shape[:2] == (-(-h // 4), -(-w // 4))
+    # the reduction applied comes back: asked for (a settled slide) or forced by the pixel limit
+    half, r = read_scaled(frame, reduce=2)
+    assert r == 2 and half.shape[:2] == (-(-h // 2), -(-w // 2))
+    assert read_scaled(frame, limit=(w // 4 + 1) * (h // 4 + 1), reduce=2)[1] == 4
+    # the DCT-scaled decode is the same picture as an area resize of the full one (not a crop or a shift)
+    ref = cv2.resize(full, (half.shape[1], half.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.astype(int) - ref).mean() < 3
+    with pytest.raises(ValueError, match="reduce must be"):
+        read_scaled(frame, reduce=3)
+
+
+def test_only_jpeg_is_decoded_reduced(sample_dir, tmp_path):
+    frame = sorted((sample_dir / "frames").rglob("*.jpg"))[0]
+    png = tmp_path / "frame.png"
+    cv2.imwrite(str(png), cv2.imread(str(frame)))
+    img, r = read_scaled(png, reduce=4)  # PNG has no cheap reduced decode: full size, and it says so
+    assert r == 1 and img.shape == read_image(frame).shape
 
 
 # ---- defects 5, 8, 14: one listing, by content; links followed once; reasons for the rest -----------

@@ -321,3 +321,24 @@ def test_a_folder_played_at_a_camera_rate(frame_files):
     starts = [f.t_start - t0 for f in src]
     assert len(starts) == 12 and all(s >= i / 40.0 - 0.005 for i, s in enumerate(starts))
     assert starts[-1] < 11 / 40.0 + 0.25  # paced, not slowed down further
+
+
+def test_a_settled_slide_decodes_its_frames_reduced(frame_files, sample_bundle, tmp_path):
+    """The sample frames resolve a red cell in ~90 px, 2.5x what the model's window and the localiser
+    use: once the slide's scale is settled its JPEGs are decoded at 1/2 (DCT scaling). Same cells at the
+    same physical scale: boxes (in the file's pixels), scales and classes agree with full-size frames."""
+    full = run_stream(frame_files[0].parent, sample_bundle, tmp_path / "full", loop=3, annotate=True)
+    fast = run_stream(frame_files[0].parent, sample_bundle, tmp_path / "fast", loop=3)
+    assert full.decoded_reduced == {}  # annotated frames are drawn at the file's size: never reduced
+    n = fast.decoded_reduced.get("1/2", 0)
+    assert 0 < n < fast.frames and fast.frames == full.frames
+    ref = _by_frame(_jsonl(tmp_path / "full" / "cells.jsonl"))
+    got = _by_frame(_jsonl(tmp_path / "fast" / "cells.jsonl"))
+    reduced = range(fast.frames - n, fast.frames)  # the slide settles, then every frame is reduced
+    assert sum(len(got.get(i, [])) for i in reduced) == sum(len(ref.get(i, [])) for i in reduced) > 0
+    agree = 0
+    for i in reduced:
+        for a, b in zip(sorted(got.get(i, []), key=lambda r: r["box"]), sorted(ref.get(i, []), key=lambda r: r["box"])):
+            assert iou(a["box"], b["box"]) > 0.8 and a["scale"] == b["scale"] and a["rbc_px"] == b["rbc_px"]
+            agree += a["pred"] == b["pred"]
+    assert agree >= 0.8 * sum(len(ref.get(i, [])) for i in reduced)

@@ -156,13 +156,23 @@ def _jpeg_scan_cut(data: bytes, img: np.ndarray, flag: int) -> bool:
 def decode_image(data: bytes, name: str = "<bytes>", limit: int | None = None) -> np.ndarray:
     """Decode encoded image bytes to RGB uint8 HxWx3, or raise ImageReadError naming `name`.
     `limit`: the pixel limit (None: `max_pixels()`)."""
+    return decode_scaled(data, name, limit)[0]
+
+
+def decode_scaled(data: bytes, name: str = "<bytes>", limit: int | None = None,
+                  reduce: int = 1) -> tuple[np.ndarray, int]:
+    """`decode_image`, asking for a JPEG at 1/`reduce` of its size per side (1, 2, 4 or 8: libjpeg's DCT
+    scaling, which skips most of the decoding work); other formats decode at full size. Returns (image,
+    the reduction applied): at least `reduce` for a JPEG, more when the pixel limit needs it."""
+    if reduce not in (1, *_REDUCED):
+        raise ValueError(f"reduce must be 1, 2, 4 or 8, not {reduce!r}")
     if not data:
         raise ImageReadError(name, "empty file")
     is_jpeg = data.startswith(_JPEG)
     if is_jpeg and b"\xff\xd9" not in data[-1024:]:
         # OpenCV decodes a truncated JPEG into a half-grey image with only a warning; catch it here.
         raise ImageReadError(name, "truncated JPEG (no end-of-image marker)")
-    reduce = _reduction(data, name, max_pixels(limit))
+    reduce = max(_reduction(data, name, max_pixels(limit)), reduce if is_jpeg else 1)
     flag = _REDUCED[reduce] if reduce > 1 else cv2.IMREAD_UNCHANGED
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
@@ -174,7 +184,7 @@ def decode_image(data: bytes, name: str = "<bytes>", limit: int | None = None) -
         raise ImageReadError(name, "not a decodable image (corrupt or unsupported format)")
     if is_jpeg and img.ndim == 3 and img.shape[0] >= 8 and img.shape[1] >= 8 and _jpeg_scan_cut(data, img, flag):
         raise ImageReadError(name, "corrupt JPEG (image data ends early; the rest would be filled grey)")
-    return to_rgb_uint8(img, name, bgr=True)
+    return to_rgb_uint8(img, name, bgr=True), reduce
 
 
 def _known_magic(data: bytes) -> bool:
@@ -187,12 +197,17 @@ def _known_magic(data: bytes) -> bool:
 
 def read_image(path, limit: int | None = None) -> np.ndarray:
     """Read an image file as RGB uint8 HxWx3 (`limit`: the pixel limit, None: `max_pixels()`)."""
+    return read_scaled(path, limit)[0]
+
+
+def read_scaled(path, limit: int | None = None, reduce: int = 1) -> tuple[np.ndarray, int]:
+    """`read_image` with `decode_scaled`'s reduction: (image, the reduction applied)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
-    return decode_image(data, str(path), limit)
+    return decode_scaled(data, str(path), limit, reduce)
 
 
 def to_rgb_uint8(img: np.ndarray, name: str = "<array>", bgr: bool = False) -> np.ndarray:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from ..xp import get_xp
-from .scale import Scale, SlideScales, estimate_scale
+from .scale import RBC_UM, Scale, SlideScales, estimate_scale
 
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,
                   "nearest": cv2.INTER_NEAREST}
@@ -125,12 +125,23 @@ class Preprocessor:
         """Impulse (salt-and-pepper) repair at native size, before any resize smears the impulses."""
         return self.guard(image) if self.guard is not None else (image, False)
 
-    def scale_of(self, image: np.ndarray, slide: str = "") -> Scale:
-        """This image's scale: the user's um/px, else red cells (of the image or its slide), else the cell."""
+    def scale_of(self, image: np.ndarray, slide: str = "", reduced: int = 1) -> Scale:
+        """This image's scale in its file's pixels (`reduced`: the image was decoded at 1/reduced per
+        side): the user's um/px, else red cells (of the image or its slide), else the cell."""
         if not self.scale_spec.get("rbc_px"):
             return Scale(None, "none")  # a bundle without a training scale cannot use one
         return estimate_scale(image, pixel_size=self.pixel_size, slides=self.slides, slide=slide,
-                              extent_ratio=self.extent_ratio)
+                              extent_ratio=self.extent_ratio, reduced=reduced)
+
+    def settled_rbc_px(self, slide: str = "") -> float | None:
+        """The red-cell diameter (px) a slide's images will get without measuring them again: the user's
+        um/px, or the slide's frozen pooled estimate; None while it is still being measured."""
+        if not self.scale_spec.get("rbc_px"):
+            return None
+        if self.pixel_size:
+            return RBC_UM / self.pixel_size
+        settled = self.slides.settled(slide) if self.slides is not None else None
+        return settled.rbc_px if settled is not None else None
 
     def window_side(self, scale: Scale) -> float:
         """Side (px of the image) of the training field of view at this image's scale; an unknown

@@ -49,6 +49,10 @@ class Scale:
     def um_per_px(self) -> float | None:
         return RBC_UM / self.rbc_px if self.rbc_px else None
 
+    def reduced(self, factor: int) -> "Scale":
+        """The same scale in the pixels of the image decoded at 1/factor per side."""
+        return self if factor == 1 or not self.rbc_px else Scale(self.rbc_px / factor, self.source, self.n)
+
     def as_row(self) -> dict:
         """The per-cell fields: `scale` in um/px (None when unknown) and where it came from."""
         um = self.um_per_px
@@ -120,11 +124,16 @@ class SlideScales:
         self._frozen: dict[str, Scale] = {}
         self._lock = threading.Lock()
 
-    def scale(self, slide: str, image: np.ndarray) -> Scale | None:
+    def settled(self, slide: str) -> Scale | None:
+        """The slide's estimate once frozen (it no longer needs the slide's images at full size), else None."""
+        with self._lock:
+            return self._frozen.get(slide)
+
+    def scale(self, slide: str, image: np.ndarray, reduced: int = 1) -> Scale | None:
         with self._lock:
             if slide in self._frozen:
                 return self._frozen[slide]
-        d = red_cell_diameters(image)
+        d = red_cell_diameters(image) * reduced
         with self._lock:
             if slide in self._frozen:
                 return self._frozen[slide]
@@ -142,26 +151,27 @@ class SlideScales:
 
 
 def estimate_scale(image: np.ndarray, *, pixel_size: float | None = None, slides: SlideScales | None = None,
-                   slide: str = "", extent_ratio: float | None = None) -> Scale:
-    """The scale of one image, from the best source available (see the module's docstring).
+                   slide: str = "", extent_ratio: float | None = None, reduced: int = 1) -> Scale:
+    """The scale of one image, from the best source available (see the module's docstring), in the
+    pixels of its file: `reduced` > 1 when `image` was decoded at 1/reduced per side.
 
     `extent_ratio` is the training cells' red-cell diameter / white-cell extent, used for crops
     without red cells; `slides` pools red cells per `slide` when images are known to share a scale."""
     if pixel_size:
         return Scale(RBC_UM / pixel_size, "pixel_size")
     if slides is not None:
-        s = slides.scale(slide, image)
+        s = slides.scale(slide, image, reduced)
         if s is not None:
             return s
     else:
-        d = red_cell_diameters(image)
+        d = red_cell_diameters(image) * reduced
         mode = dominant_diameter(d)
         if mode is not None:
             return Scale(mode, "rbc", int(d.size))
     if extent_ratio:
         extent = cell_extent(image)
         if extent:
-            return Scale(extent * extent_ratio, "cell", 1)
+            return Scale(extent * reduced * extent_ratio, "cell", 1)
     return Scale(None, "none")
 
 

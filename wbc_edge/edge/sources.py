@@ -12,14 +12,14 @@ import glob as globmod
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..data.images import ImageReadError, read_image, to_rgb_uint8
+from ..data.images import ImageReadError, read_scaled, to_rgb_uint8
 from ..data.inventory import Skipped, list_inputs, not_image_reason, walk
 
 log = logging.getLogger("wbc_edge.sources")
@@ -39,6 +39,8 @@ class Frame:
     decode_s: float = 0.0  # seconds spent reading + decoding this frame
     pos: int | None = None  # frame number inside a video / stream (None for files)
     restored: bool = False  # the impulse guard removed salt-and-pepper noise from `image`
+    reduced: int = 1  # `image` holds 1/reduced of the file's pixels per side (JPEG DCT scaling); boxes
+    # and scales in the output are in the file's own pixels
 
 
 class Source:
@@ -57,6 +59,9 @@ class Source:
         self.pace_s = 1.0 / pace_fps if pace_fps else None
         self.lost = False  # a live source that stayed gone
         self._stopped = False
+        # path -> the JPEG reduction to decode it at (1, 2, 4, 8); set by the stream once a slide's red
+        # cells are measured (Pipeline.decode_reduction). Image files only: video frames come decoded.
+        self.reduction: Callable[[str], int] | None = None
 
     def stop(self) -> None:
         """Ask the source to end after the current frame (Ctrl-C, or a consumer that has enough)."""
@@ -88,12 +93,14 @@ class Source:
                 return
 
 
-def _timed_read(path: str, t0: float) -> Frame:
+def _timed_read(path: str, t0: float, reduction: Callable[[str], int] | None = None) -> Frame:
+    reduced = 1
     try:
-        img, err = read_image(path), None
+        img, reduced = read_scaled(path, reduce=reduction(path) if reduction else 1)
+        err = None
     except ImageReadError as exc:
         img, err = None, exc.reason
-    return Frame(path, -1, img, err, t0, time.perf_counter() - t0)
+    return Frame(path, -1, img, err, t0, time.perf_counter() - t0, reduced=reduced)
 
 
 class FileSource(Source):
@@ -114,7 +121,7 @@ class FileSource(Source):
 
     def _items(self) -> Iterator[Frame]:
         for path in self.paths:
-            yield _timed_read(path, time.perf_counter())
+            yield _timed_read(path, time.perf_counter(), self.reduction)
 
 
 class VideoSource(Source):
@@ -318,7 +325,7 @@ class WatchSource(Source):
 
     def _read(self, path: str, sig) -> Frame | None:
         """The frame, or None while a failed read is still to be retried (a writer may have paused)."""
-        frame = _timed_read(path, time.perf_counter())
+        frame = _timed_read(path, time.perf_counter(), self.reduction)
         tries = self.failed.pop((path, *sig), 0) + 1
         if frame.error is not None and tries <= self.retries:
             self.failed[(path, *sig)] = tries
