@@ -103,7 +103,9 @@ def measure(size: str, tmp: Path, bundle: Path, n_frames: int, workers: int, cam
             f"at_{camera_fps:g}fps_p50_ms": paced["latency_ms"]["p50"] if paced else None,
             f"at_{camera_fps:g}fps_p99_ms": paced["latency_ms"]["p99"] if paced else None,
             "status": s["status"], "workers": workers,
-            "ms_per_frame": stages, "views": s["views"], "runner": s["runner"]}
+            "ms_per_frame": stages, "views": s["views"], "runner": s["runner"],
+            # frames the settled slide let the reader decode at reduced size (absent before issue 18's change)
+            "decoded_reduced": s.get("decoded_reduced", {})}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -156,7 +158,9 @@ def main(argv=None) -> dict:
         for size in sizes:
             rows.append(measure(size, Path(tmp), a.bundle, n, a.workers, a.camera_fps))
             print({k: v for k, v in rows[-1].items() if k != "ms_per_frame"}, flush=True)
-    flat = [{k: v for k, v in r.items() if k not in ("ms_per_frame", "views", "runner")} for r in rows]
+    flat = [{**{k: v for k, v in r.items() if k not in ("ms_per_frame", "views", "runner")},
+             "decoded_reduced": ", ".join(f"{n} at {k}" for k, n in r["decoded_reduced"].items()) or "none"}
+            for r in rows]
     stages = [{"size": r["size"], **r["ms_per_frame"]} for r in rows]
     text = (f"`wbc-edge stream` on JPEG frames of each size (one slide each, {n} frames), bundle {a.bundle} "
             f"(views {rows[0]['views']}, {rows[0]['runner']}), {a.workers} localiser thread(s); package from "
