@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("bundles", nargs="+", metavar="NAME=BUNDLE")
     ap.add_argument("--quick", action="store_true", help="3 Chula cells per class")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows of variants measured earlier (in --out) and not named now")
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,7 +54,15 @@ def main(argv=None) -> dict:
             b = Bundle.load(path)
             rows.append({"variant": name, "bundle": path, "what": describe(b),
                          "members": len(b.members), **score(Path(path), Path(tmp) / name, 3 if a.quick else None)})
+    if a.keep and (a.out / "site_members.json").is_file():  # bundles no longer at hand keep their figures
+        import json
+
+        named = {r["variant"] for r in rows}
+        earlier = json.loads((a.out / "site_members.json").read_text())
+        rows = [{**r, "measured": r.get("measured") or earlier.get("machine", {}).get("date", "earlier")}
+                for r in earlier["rows"] if r["variant"] not in named] + rows
     cols = ["variant", "what", "members", "chula_5part-strict", "chula_5part", "pbc_9class"]
+    cols += ["measured"] if any("measured" in r for r in rows) else []
     table = ("Full-budget bundles. Chula: all 511 cells, zero-shot (never trained on); PBC: the 270 held-out "
              "sample cells of the model's classes. Command: `python -m benchmarks.site_members "
              + " ".join(a.bundles) + "`\n\n" + markdown_table(rows, cols))
