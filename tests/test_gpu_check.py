@@ -76,3 +76,60 @@ def test_device_cuda_without_a_gpu_falls_back_to_the_cpu_in_one_logged_line(comm
         name = "predictions.jsonl" if command == "evaluate" else "cells.jsonl"
         rows[device] = [(r.get("pred"), r.get("confidence")) for r in map(json.loads, (out / name).read_text().splitlines())]
     assert rows["cpu"] and rows["cpu"] == rows["cuda"]
+
+
+# ---- the host-to-device boundary ---------------------------------------------------------------------
+def test_device_xp_is_numpy_with_a_reason_unless_cupy_can_allocate():
+    import numpy as np
+
+    from wbc_edge.xp import device_xp
+
+    assert device_xp("cpu") == (np, None)
+    xp, why = device_xp("cuda")
+    assert (xp is np) == (why is not None)  # CuPy only with a GPU it could allocate on; else it says why
+    if xp is np:
+        assert "CuPy" in why
+
+
+def test_the_stream_crosses_to_the_device_once_per_micro_batch(tmp_path, monkeypatch):
+    """The product path: each micro-batch is handed to `upload` once (the colour step, views, runners and
+    means then run on what it returns); on CPU that is the host array itself and every stage says cpu."""
+    from wbc_edge.edge import classifier as cl
+    from wbc_edge.edge.pipeline import run_stream
+
+    calls = []
+    real = cl.EnsembleClassifier.upload
+
+    def counted(self, batch):
+        calls.append(len(batch))
+        return real(self, batch)
+
+    monkeypatch.setattr(cl.EnsembleClassifier, "upload", counted)
+    s = run_stream(ROOT / "data/sample/frames/JPEGImages", ROOT / "data/sample/bundle", tmp_path / "out", report=False)
+    # the stream's upload, then predict's own (a no-op on the uploaded array): two per batch, never per view
+    assert len(calls) == 2 * s.batches["count"] and sum(calls) == 2 * s.cells
+    assert s.timing["infer"]["device"] == "cpu"
+
+
+def test_cuda_classifier_keeps_the_batch_on_the_gpu(sample_dir):
+    """On a CUDA machine: the ensemble runs on CuPy arrays between one upload and one answer, and agrees
+    with the CPU. Skipped (with the reason) wherever CuPy cannot allocate or ORT has no CUDA provider."""
+    import numpy as np
+
+    from wbc_edge.bundle import Bundle
+    from wbc_edge.data.datasets import load_bundle_cells
+    from wbc_edge.edge.classifier import EnsembleClassifier
+    from wbc_edge.xp import device_xp
+
+    xp, why = device_xp("cuda")
+    if xp is np:
+        pytest.skip(why)
+    if not _cuda_runner_here():
+        pytest.skip("ONNX Runtime has no CUDAExecutionProvider here (onnxruntime-gpu)")
+    b = Bundle.load(ROOT / "data/sample/bundle")
+    x = load_bundle_cells(b, sample_dir / "cells")[0][::10]
+    with EnsembleClassifier(b, device="cuda") as gpu, EnsembleClassifier(b) as cpu:
+        assert gpu.xp is xp and all(r.on_device for r in gpu.runners)
+        got = gpu.predict(gpu.upload(x))
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, cpu.predict(x), atol=1e-4)

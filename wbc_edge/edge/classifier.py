@@ -1,15 +1,25 @@
 """The ensemble classifier: bundle members x TTA views, averaged with the bundle's weights.
 
 With a fused graph (`wbc-edge build --target onnx --fuse`) that holds this run's views, one runner call
-takes the uint8 cells and returns the averaged probabilities: no view copies, no per-member calls."""
+takes the uint8 cells and returns the averaged probabilities: no view copies, no per-member calls.
+
+With --device cuda and runners that work on device memory (TensorRT; ORT CUDA with IO binding), the
+host-to-device boundary is `upload`: a batch is copied to the GPU once, the caller's colour step (the
+preprocessor's xp code), the TTA views, every runner, the weighted mean and the temperature run on CuPy
+arrays, and `predict` brings the probabilities back once. Otherwise every step is NumPy, as on CPU."""
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
 from ..bundle import Bundle
 from . import tta
 from .confidence import apply_temperature
+from ..xp import to_numpy
 from .runners import Runner, open_runner
+
+log = logging.getLogger("wbc_edge.classifier")
 
 
 class EnsembleClassifier:
@@ -46,6 +56,7 @@ class EnsembleClassifier:
             raise ValueError(f"{bundle.root}: member weights {weights.tolist()} cannot be averaged")
         self.weights = weights / weights.sum()
         self.runners: list[Runner] = []
+        self.xp = np  # where the batch lives between `upload` and `predict`'s answer (set by activate)
 
     def _fused(self, wanted: bool) -> tuple[str | None, bool]:
         """(the fused graph to run or None, whether it applies this run's TTA views itself). A fused graph
@@ -91,10 +102,30 @@ class EnsembleClassifier:
         if self.fused:
             self.runners = [open_runner(self.bundle.path(self.fused_graph), self.device, threads=self.threads)]
             self.weights = np.ones(1)
-            return self
-        self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device, engine_path=self._engine(m),
-                                    threads=self.threads) for m in self.bundle.members]
+        else:
+            self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device,
+                                        engine_path=self._engine(m), threads=self.threads)
+                            for m in self.bundle.members]
+        self.xp = self._array_module()
         return self
+
+    def _array_module(self):
+        """CuPy when this is a CUDA run and every runner takes device memory, else NumPy (said once when a
+        runner is on the GPU; a chain that fell back to the CPU has said so itself)."""
+        if self.device != "cuda" or not any(str(r.device).startswith("cuda") for r in self.runners):
+            return np
+        from ..xp import device_xp
+
+        xp, why = device_xp("cuda")
+        if xp is not np and not all(r.on_device for r in self.runners):
+            xp, why = np, f"runner(s) {', '.join(r.name for r in self.runners if not r.on_device)} take host arrays"
+        if xp is np:
+            log.warning("--device cuda: colour step, TTA views and ensemble mean on the CPU (%s)", why)
+        return xp
+
+    def upload(self, batch):
+        """The one host -> device copy of a batch (the same array when this run is on the host)."""
+        return self.xp.asarray(batch)
 
     @property
     def server_report(self) -> dict | None:
@@ -118,20 +149,23 @@ class EnsembleClassifier:
         return False
 
     def predict(self, batch) -> np.ndarray:
+        """(B, C) NumPy probabilities of model-input cells (NumPy, or CuPy from `upload`)."""
         size = self.bundle.preprocess.input_size
-        batch = np.asarray(batch)
+        batch = self.upload(batch)
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
             raise ValueError(f"expected model-input cells (uint8 Bx{size}x{size}x3 from "
                              f"Preprocessor.for_bundle), got {batch.dtype} {batch.shape}")
         chunk = max(1, self.max_batch // len(self.views))
         if not len(batch):
             return np.zeros((0, len(self.bundle.classes)), np.float32)
-        probs = np.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)])
-        return probs if self.temperature == 1.0 else apply_temperature(probs, self.temperature)
+        probs = self.xp.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)])
+        probs = probs if self.temperature == 1.0 else apply_temperature(probs, self.temperature)
+        return to_numpy(probs)  # the one device -> host copy: the probabilities
 
     def _predict_chunk(self, batch: np.ndarray) -> np.ndarray:
         if self.views_inside:  # the fused graph stacks the views and averages views and members itself
             return self.runners[0].infer(batch).astype(np.float32, copy=False)
         views = batch if self.views == ["id"] else tta.expand(batch, self.views)
-        probs = sum(w * tta.merge(r.infer(views), len(self.views)) for w, r in zip(self.weights, self.runners))
+        probs = sum(float(w) * tta.merge(self.xp.asarray(r.infer(views)), len(self.views))
+                    for w, r in zip(self.weights, self.runners))
         return probs.astype(np.float32, copy=False)

@@ -14,16 +14,18 @@ import json
 import numpy as np
 
 from .. import metrics
+from ..xp import get_xp
 
 T_RANGE = (0.05, 20.0)
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T), row-wise; the argmax is unchanged."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
+def apply_temperature(probs, temperature: float):
+    """softmax(log p / T), row-wise; the argmax is unchanged. NumPy or CuPy, in the array's own module."""
+    xp = get_xp(probs)
+    z = xp.log(xp.clip(probs, 1e-12, 1.0)) / temperature
     z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    e = xp.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(xp.float32)
 
 
 def nll(probs: np.ndarray, y: np.ndarray) -> float:

@@ -32,6 +32,7 @@ import numpy as np
 from ..bundle import Bundle
 from ..outdir import EXIT_ERROR, EXIT_OK, EXIT_SOURCE_LOST, exit_code_for, owns_output, signal_of
 from ..taxonomy import RARE_CODES
+from ..xp import to_numpy
 from . import tta
 from .classifier import EnsembleClassifier
 from .drift import NO_STATISTICS, DriftMonitor, flag_row
@@ -403,12 +404,14 @@ class Pipeline:
         feats = None
         if sum(sizes):
             t0 = time.perf_counter()
-            cells = self.pre.stain(np.concatenate([loc.crops for loc in pending if len(loc.crops)]))
+            # the host -> device boundary (a no-op on CPU): the colour step, views, runners and means run
+            # where the cells now are, and only the probabilities come back
+            cells = self.pre.stain(self.clf.upload(np.concatenate([loc.crops for loc in pending if len(loc.crops)])))
             probs = self.clf.predict(cells)
             self.times.add("infer", time.perf_counter() - t0)
             if self.monitor.active:  # the site statistics of the same model-input cells (cheap, per batch)
                 t1 = time.perf_counter()
-                feats = self.monitor.features(cells, probs)
+                feats = self.monitor.features(to_numpy(cells), probs)  # colour statistics: host code
                 self.times.add("site_monitor", time.perf_counter() - t1)
             self.n_batches += 1
             self.batched_crops += sum(sizes)
@@ -600,14 +603,17 @@ def _status(pipe: Pipeline | None, source: Source, signum: int | None) -> tuple[
 
 
 def _stage_devices(pipe: Pipeline) -> dict[str, str]:
-    """Per timed stage, where it ran: the runner's device for `infer` (the ensemble; the stain step before it
-    is host code), the refinement features' device for `refine`, the CPU for the others."""
+    """Per timed stage, where it ran: for `infer` (colour step, views, runners, means) `cuda` when all of it
+    ran on device arrays, `cuda-runner` when only the runners did (host arrays in between), the
+    refinement features' device for `refine`, the CPU for the others."""
     runners = getattr(pipe.clf, "runners", None) or []
     infer = "cpu"
     if getattr(pipe.clf, "server", None):
         infer = "server"
-    elif runners and str(getattr(runners[0], "device", "cpu")).startswith("cuda"):
+    elif getattr(pipe.clf, "xp", np) is not np:
         infer = "cuda"
+    elif runners and str(getattr(runners[0], "device", "cpu")).startswith("cuda"):
+        infer = "cuda-runner"
     refiner = getattr(pipe.labeller, "refiner", None)
     refine = getattr(refiner, "features_device", None) or "cpu"
     return {**{stage: "cpu" for stage in pipe.times.total}, "infer": infer, "refine": refine}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..xp import device_xp, get_xp, to_numpy
+
 log = logging.getLogger("wbc_edge.runners")
 
 
@@ -37,13 +39,21 @@ class Runner(ABC):
     def deactivate(self) -> None:
         self.active = False
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    # a runner that takes a CuPy batch where it lies and answers on the device (TensorRT; ORT CUDA with
+    # IO binding); the others are given host arrays
+    on_device = False
+
+    def infer(self, batch):
+        """Probabilities (B, C) of a uint8 BxHxWx3 batch. A device runner keeps a CuPy batch on the GPU and
+        answers with a CuPy array; every other runner takes and returns NumPy (a CuPy batch is copied)."""
         if not self.active:
             raise RunnerError(f"{self.name}: infer() before activate()")
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"{self.name}: expected a uint8 BxHxWx3 batch, got {batch.dtype} {batch.shape}")
+        xp = get_xp(batch)
+        batch = xp.ascontiguousarray(batch) if self.on_device else np.ascontiguousarray(to_numpy(batch))
         t0 = time.perf_counter()
-        out = self._infer(np.ascontiguousarray(batch))
+        out = self._infer(batch)
         self.timings.append(time.perf_counter() - t0)
         return out
 
@@ -91,10 +101,31 @@ class OrtRunner(Runner):
         except Exception as exc:  # ORT raises its own exception types for bad or truncated graphs
             raise RunnerError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from exc
         self.input_name = self.session.get_inputs()[0].name
+        out = self.session.get_outputs()[0]
+        self.output_name, self.num_classes = out.name, out.shape[-1]
+        if self.device == "cuda" and self.session.get_providers()[0] == "CUDAExecutionProvider":
+            self._cp = device_xp("cuda")[0]
+            self.on_device = self._cp is not np  # CuPy batches are bound where they lie (IO binding)
         self.active = True
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+    def _infer(self, batch):
+        if not self.on_device:
+            return self.session.run(None, {self.input_name: batch})[0]
+        return self._infer_bound(self._cp.asarray(batch))
+
+    def _infer_bound(self, batch):
+        """ORT CUDA on device memory: the CuPy batch is bound as the input and a CuPy array as the output
+        (IO binding), so nothing crosses to the host; the answer stays on the GPU for the ensemble mean."""
+        cp = self._cp
+        out = cp.empty((batch.shape[0], self.num_classes), cp.float32)
+        dev = batch.device.id
+        cp.cuda.get_current_stream().synchronize()  # the batch was written on CuPy's stream, ORT reads on its own
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", dev, np.uint8, tuple(batch.shape), batch.data.ptr)
+        binding.bind_output(self.output_name, "cuda", dev, np.float32, tuple(out.shape), out.data.ptr)
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return out
 
     def deactivate(self) -> None:
         self.session = None

@@ -1,8 +1,10 @@
 """TensorRT runner: name-based tensor API (TensorRT 10/11), CuPy device buffers and stream (no pycuda).
 
-Takes the uint8 NHWC crop batch like every runner and returns float32 probabilities. Device buffers
-grow only when a batch is larger than any seen before; copies run on the runner's own stream and the
-stream is synchronised before numpy is returned. Batches above the engine profile's max are chunked.
+Takes the uint8 NHWC crop batch like every runner and returns float32 probabilities. A NumPy batch goes
+through pinned host and device buffers that grow only when a batch is larger than any seen before; copies
+run on the runner's own stream, synchronised before NumPy is returned. A CuPy batch (the classifier's
+device path) is bound where it lies and answered with a CuPy array: no host copy either way. Batches
+above the engine profile's max are chunked.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .runners import Runner, RunnerError
 
 class TensorRTRunner(Runner):
     name = "tensorrt"
+    on_device = True  # a CuPy batch is bound where it lies; the probabilities stay on the GPU
 
     def __init__(self, engine_path, expected_key: str | None = None, device_id: int = 0):
         super().__init__()
@@ -103,8 +106,26 @@ class TensorRTRunner(Runner):
             self.stream.synchronize()
         return h_out.copy()  # the pinned buffer is reused by the next call
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _run_device_chunk(self, batch):
+        """A CuPy chunk: its own memory is the engine's input and a new device array its output; the
+        engine's stream waits for the work that made the batch, and CuPy's stream for the engine."""
+        cp = self._cp
+        out = cp.empty((batch.shape[0], self.num_classes), cp.float32)
+        with cp.cuda.Device(self.device_id):
+            self.stream.wait_event(cp.cuda.get_current_stream().record())
+            if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
+                raise RunnerError(f"{self.name}: input shape {batch.shape} is outside the engine's profile")
+            self.context.set_tensor_address(self.input_name, batch.data.ptr)
+            self.context.set_tensor_address(self.output_name, out.data.ptr)
+            if not self.context.execute_async_v3(self.stream.ptr):
+                raise RunnerError(f"{self.name}: execute_async_v3 failed")
+            cp.cuda.get_current_stream().wait_event(self.stream.record())
+        return out
+
+    def _infer(self, batch):
+        on_gpu = not isinstance(batch, np.ndarray)  # Runner.infer hands a CuPy batch over as it is
         if len(batch) == 0:
-            return np.empty((0, self.num_classes), np.float32)
-        chunks = [batch[i:i + self.max_batch] for i in range(0, len(batch), self.max_batch)]
-        return np.concatenate([self._run_chunk(c) for c in chunks])
+            return (self._cp if on_gpu else np).empty((0, self.num_classes), np.float32)
+        run = self._run_device_chunk if on_gpu else self._run_chunk
+        chunks = [run(batch[i:i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        return (self._cp if on_gpu else np).concatenate(chunks)

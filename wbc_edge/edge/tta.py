@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..xp import get_xp
+
 # name -> (quarter turns, then horizontal flip); the same group as trainer.augment.d4
 VIEWS: dict[str, tuple[int, bool]] = {
     "id": (0, False), "rot90": (1, False), "rot180": (2, False), "rot270": (3, False),
@@ -28,16 +30,19 @@ def parse_views(text: str | None) -> list[str] | None:
     return check_views(v.strip() for v in text.split(",") if v.strip())
 
 
-def view(batch: np.ndarray, name: str) -> np.ndarray:
+def view(batch, name: str):
+    """One view of a NumPy or CuPy batch (NHWC), in the batch's own array module."""
     turns, flip = VIEWS[name]
-    out = np.rot90(batch, turns, axes=(1, 2))  # axes (H,W): same turn as torch.rot90 on NCHW dims (2,3)
+    out = get_xp(batch).rot90(batch, turns, axes=(1, 2))  # (H,W): the turn torch.rot90 makes on NCHW (2,3)
     return out[:, :, ::-1] if flip else out
 
 
-def expand(batch: np.ndarray, views: list[str]) -> np.ndarray:
-    """All views of the batch stacked view-major: (V*B, H, W, 3), one runner call for all of them."""
+def expand(batch, views: list[str]):
+    """All views of the batch stacked view-major: (V*B, H, W, 3), one runner call for all of them; on
+    the batch's device (NumPy or CuPy)."""
     check_views(views)
-    return np.ascontiguousarray(np.concatenate([view(batch, v) for v in views]))
+    xp = get_xp(batch)
+    return xp.ascontiguousarray(xp.concatenate([view(batch, v) for v in views]))
 
 
 def merge(probs: np.ndarray, n_views: int) -> np.ndarray:
