@@ -13,7 +13,7 @@ import pytest
 
 from wbc_edge.data import datasets
 from wbc_edge.data.degrade import degrade_dataset
-from wbc_edge.data.images import ImageReadError, decode_image, read_image, read_scaled
+from wbc_edge.data.images import ImageReadError, read_image, read_scaled
 from wbc_edge.data.inventory import byte_chunks, list_inputs
 from wbc_edge.edge.pipeline import run_stream
 from wbc_edge.edge.sources import FileSource, WatchSource

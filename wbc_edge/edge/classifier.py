@@ -14,9 +14,9 @@ import logging
 import numpy as np
 
 from ..bundle import Bundle
+from ..xp import device_xp, to_numpy
 from . import tta
 from .confidence import apply_temperature
-from ..xp import to_numpy
 from .runners import Runner, open_runner
 
 log = logging.getLogger("wbc_edge.classifier")
@@ -114,8 +114,6 @@ class EnsembleClassifier:
         runner is on the GPU; a chain that fell back to the CPU has said so itself)."""
         if self.device != "cuda" or not any(str(r.device).startswith("cuda") for r in self.runners):
             return np
-        from ..xp import device_xp
-
         xp, why = device_xp("cuda")
         if xp is not np and not all(r.on_device for r in self.runners):
             xp, why = np, f"runner(s) {', '.join(r.name for r in self.runners if not r.on_device)} take host arrays"

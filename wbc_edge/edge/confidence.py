@@ -58,8 +58,8 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray, iters: int = 60) -> tuple[
 def validation_cells(bundle, val_data, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cells at the bundle's input size, class indices, the ensemble's uncalibrated probabilities): read
     and predicted once, then shared by every fit of `wbc-edge refine`."""
-    from .classifier import EnsembleClassifier
     from ..data.datasets import load_bundle_cells
+    from .classifier import EnsembleClassifier
 
     x, y = load_bundle_cells(bundle, val_data, progress)
     with EnsembleClassifier(bundle, calibrated=False) as clf:

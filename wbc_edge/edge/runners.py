@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from abc import ABC, abstractmethod
+from collections import deque
 from pathlib import Path
 
 import numpy as np

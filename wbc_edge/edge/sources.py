@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob as globmod
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
