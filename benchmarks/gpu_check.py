@@ -295,6 +295,7 @@ def step_throughput(ck: Check) -> dict:
                     features(x)
 
                 rows.append({"device": device, "precision": precision, "runner": clf.runners[0].name, "batch": b,
+                             "arrays": clf.xp.__name__,  # cupy: the ensemble ran on device arrays end to end
                              "preprocess_cells_s": _cells_per_s(lambda: pre.crops(natives), b),
                              "classify_cells_s": _cells_per_s(lambda: clf.predict(batch), b),
                              "refine_features_cells_s": _cells_per_s(lambda: features(batch), b),
