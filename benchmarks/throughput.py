@@ -119,7 +119,8 @@ def prepare_bundle(src: Path, work: Path, views: list[str], calib) -> tuple[Bund
     from wbc_edge.build.builder import build
 
     shutil.copytree(src, work, ignore=shutil.ignore_patterns("*.int8*", "ensemble*.onnx"))
-    b = Bundle.load(work)
+    b = Bundle.load(work, verify=False)  # a shipped fused graph was left behind: it is built below for `views`
+    b.extra.pop("fused", None)
     b.extra["tta"] = {"views": list(views)}
     b.save()
     precisions = ["fp32"]

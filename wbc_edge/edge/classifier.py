@@ -29,7 +29,7 @@ class EnsembleClassifier:
     def __init__(self, bundle: Bundle, device: str = "cpu", views: list[str] | None = None,
                  precision: str = "fp32", max_batch: int = 256, threads: int | None = None,
                  artifact: str | None = None, fused: bool = True, calibrated: bool = True,
-                 server: str | None = None):
+                 server: str | None = None, spin: bool = True):
         self.bundle, self.device, self.precision = bundle, device, precision
         # the bundle's confidence temperature (1: none); calibrated=False gives the raw ensemble mean
         self.temperature = bundle.temperature if calibrated else 1.0
@@ -50,7 +50,8 @@ class EnsembleClassifier:
                 raise ValueError(f"--precision {precision} runs in this process; with --server the server's "
                                  "model decides (choose one with grpc://HOST:PORT/MODEL)")
             self.fused_graph, self.fused, self.views_inside = None, False, True
-        self.max_batch, self.threads = max_batch, threads
+        # spin=False: the runner's threads sleep between calls (a stream's other threads share the cores)
+        self.max_batch, self.threads, self.spin = max_batch, threads, spin
         weights = np.asarray([m.weight for m in bundle.members], np.float64)
         if not (np.isfinite(weights).all() and (weights >= 0).all() and 0 < weights.sum() < np.inf):
             raise ValueError(f"{bundle.root}: member weights {weights.tolist()} cannot be averaged")
@@ -100,11 +101,12 @@ class EnsembleClassifier:
             self.runners, self.weights = [runner], np.ones(1)
             return self
         if self.fused:
-            self.runners = [open_runner(self.bundle.path(self.fused_graph), self.device, threads=self.threads)]
+            self.runners = [open_runner(self.bundle.path(self.fused_graph), self.device, threads=self.threads,
+                                        spin=self.spin)]
             self.weights = np.ones(1)
         else:
             self.runners = [open_runner(self.bundle.path(self._graph(m)), self.device,
-                                        engine_path=self._engine(m), threads=self.threads)
+                                        engine_path=self._engine(m), threads=self.threads, spin=self.spin)
                             for m in self.bundle.members]
         self.xp = self._array_module()
         return self

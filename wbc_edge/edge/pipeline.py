@@ -677,7 +677,7 @@ def run_stream(source, bundle_dir, out_dir, mode: str = "auto", device: str = "c
                       watch_idle_s=watch_idle_s, pace_fps=pace_fps)
     views = _resolve_views(views, bundle)
     clf = EnsembleClassifier(bundle, device, views, precision, max_batch=max(1, max_batch) * len(views),
-                             threads=threads, server=server)
+                             threads=threads, server=server, spin=False)  # decode/localise share the cores
     with clf:  # setup errors (no runner, no localiser) raise before any output is created (`claim` then
         # removes the --out folder again if it made it)
         from .refine.refiner import Refiner

@@ -72,9 +72,9 @@ class OrtRunner(Runner):
     PROVIDERS = {"cpu": ["CPUExecutionProvider"],
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
-    def __init__(self, onnx_path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, onnx_path, device: str = "cpu", threads: int | None = None, spin: bool = True):
         super().__init__()
-        self.onnx_path, self.device, self.threads = Path(onnx_path), device, threads
+        self.onnx_path, self.device, self.threads, self.spin = Path(onnx_path), device, threads, spin
         self.name = f"ort-{device}:{self.onnx_path.name}"
         self.session = None
 
@@ -86,11 +86,12 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        # ORT's pool threads spin for a while after each run, waiting for the next. Every caller here has
-        # other threads on the same cores (decode, localiser, writer): on 2 cores the spinning took their
-        # time, and turning it off raised the stream from 28 to 44 frames/s (1440x900, fused graph),
-        # for 5-10 % on back-to-back batches of 32.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ORT's pool threads spin between ops and after each run, waiting for more work. Back-to-back
+        # batches gain (the fused graph at 32 cells x 8 views: 196 against 256 ms a call, 2 cores), but a
+        # stream's decode and localiser threads share those cores: there spinning took their time, and
+        # turning it off raised 1440x900 frames from 28 to 44 frames/s (spin=False).
+        if not self.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = self.PROVIDERS[self.device]
         if self.device == "cuda" and hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA/cuDNN
             ort.preload_dlls()  # from the nvidia-* wheels of `onnxruntime-gpu[cuda,cudnn]`, not the system
@@ -139,11 +140,11 @@ FALLBACKS = {
 }
 
 
-def _factory(kind: str, onnx_path, engine_path=None, threads=None) -> Runner:
+def _factory(kind: str, onnx_path, engine_path=None, threads=None, spin: bool = True) -> Runner:
     if kind == "ort-cpu":
-        return OrtRunner(onnx_path, "cpu", threads)
+        return OrtRunner(onnx_path, "cpu", threads, spin)
     if kind == "ort-cuda":
-        return OrtRunner(onnx_path, "cuda", threads)
+        return OrtRunner(onnx_path, "cuda", threads, spin)
     if kind == "tensorrt":
         from .trt_runner import TensorRTRunner  # imports tensorrt/cupy only on this path
 
@@ -162,13 +163,14 @@ def _say_once(text: str) -> None:
         log.warning("%s", text)
 
 
-def open_runner(onnx_path, device: str = "cpu", engine_path=None, threads: int | None = None) -> Runner:
+def open_runner(onnx_path, device: str = "cpu", engine_path=None, threads: int | None = None,
+                spin: bool = True) -> Runner:
     """Activate the first runner that works for `device`. A fallback is logged once per reason: with
     `--device cuda` on a machine without a usable GPU that is one line saying the run is on the CPU and why."""
     errors = []
     for kind in FALLBACKS[device]:
         try:
-            runner = _factory(kind, onnx_path, engine_path, threads)
+            runner = _factory(kind, onnx_path, engine_path, threads, spin)
             runner.activate()
         except Exception as exc:  # noqa: BLE001 - each failure is logged and the next runner tried
             errors.append(f"{kind}: {exc}")
