@@ -96,12 +96,7 @@ class TensorRTRunner(Runner):
         np.copyto(h_in, batch)
         with self._cp.cuda.Device(self.device_id):
             d_in.set(h_in, stream=self.stream)  # host -> device on our stream
-            if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
-                raise RunnerError(f"{self.name}: input shape {batch.shape} is outside the engine's profile")
-            self.context.set_tensor_address(self.input_name, d_in.data.ptr)
-            self.context.set_tensor_address(self.output_name, d_out.data.ptr)
-            if not self.context.execute_async_v3(self.stream.ptr):
-                raise RunnerError(f"{self.name}: execute_async_v3 failed")
+            self._execute(batch.shape, d_in, d_out)
             d_out.get(stream=self.stream, out=h_out, blocking=False)  # device -> host on the same stream
             self.stream.synchronize()
         return h_out.copy()  # the pinned buffer is reused by the next call
@@ -113,14 +108,18 @@ class TensorRTRunner(Runner):
         out = cp.empty((batch.shape[0], self.num_classes), cp.float32)
         with cp.cuda.Device(self.device_id):
             self.stream.wait_event(cp.cuda.get_current_stream().record())
-            if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
-                raise RunnerError(f"{self.name}: input shape {batch.shape} is outside the engine's profile")
-            self.context.set_tensor_address(self.input_name, batch.data.ptr)
-            self.context.set_tensor_address(self.output_name, out.data.ptr)
-            if not self.context.execute_async_v3(self.stream.ptr):
-                raise RunnerError(f"{self.name}: execute_async_v3 failed")
+            self._execute(batch.shape, batch, out)
             cp.cuda.get_current_stream().wait_event(self.stream.record())
         return out
+
+    def _execute(self, shape, d_in, d_out) -> None:
+        """Enqueue the engine on our stream with these device arrays as its input and output."""
+        if not self.context.set_input_shape(self.input_name, tuple(shape)):
+            raise RunnerError(f"{self.name}: input shape {tuple(shape)} is outside the engine's profile")
+        self.context.set_tensor_address(self.input_name, d_in.data.ptr)
+        self.context.set_tensor_address(self.output_name, d_out.data.ptr)
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise RunnerError(f"{self.name}: execute_async_v3 failed")
 
     def _infer(self, batch):
         on_gpu = not isinstance(batch, np.ndarray)  # Runner.infer hands a CuPy batch over as it is
