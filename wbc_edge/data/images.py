@@ -162,7 +162,8 @@ def decode_image(data: bytes, name: str = "<bytes>", limit: int | None = None) -
 def decode_scaled(data: bytes, name: str = "<bytes>", limit: int | None = None,
                   reduce: int = 1) -> tuple[np.ndarray, int]:
     """`decode_image`, asking for a JPEG at 1/`reduce` of its size per side (1, 2, 4 or 8: libjpeg's DCT
-    scaling, which skips most of the decoding work); other formats decode at full size. Returns (image,
+    scaling; it saves the inverse transform and colour work, not the entropy decoding: a 1440x900 JPEG
+    at 1/2 took 7.1 against 8.9 ms); other formats decode at full size. Returns (image,
     the reduction applied): at least `reduce` for a JPEG, more when the pixel limit needs it."""
     if reduce not in (1, *_REDUCED):
         raise ValueError(f"reduce must be 1, 2, 4 or 8, not {reduce!r}")
