@@ -104,11 +104,12 @@ def test_trt_int8_calibrates_a_lint_clean_s8s8_graph_even_without_a_gpu(bundle_c
 
 
 def test_fused_ensemble_equals_the_weighted_mean_of_its_members(tmp_path, sample_bundle, sample_dir):
-    """The shipped ensemble (a BatchNorm and a GroupNorm member), with unequal weights, fused into one graph."""
+    """The shipped ensemble (a BatchNorm and GroupNorm members), with unequal weights, fused into one graph."""
     work = tmp_path / "b2"
-    shutil.copytree(sample_bundle, work)
-    b = Bundle.load(work)
-    assert len(b.members) == 2
+    shutil.copytree(sample_bundle, work, ignore=shutil.ignore_patterns("ensemble*.onnx"))
+    b = Bundle.load(work, verify=False)
+    b.extra.pop("fused", None)  # the shipped fused graph has equal weights built in: built again below
+    assert len(b.members) >= 2
     b.members[1].weight = 3.0
     b.save()
     b = build(work, "onnx", fuse=True, check=sample_dir / "cells")
@@ -118,5 +119,5 @@ def test_fused_ensemble_equals_the_weighted_mean_of_its_members(tmp_path, sample
     reloaded = Bundle.load(work)  # the fused graph is checksummed like the members
     x = Preprocessor.for_bundle(reloaded).load(from_image_folder(sample_dir / "cells").subset(range(0, 330, 30)))[0]
     with EnsembleClassifier(reloaded) as fused, EnsembleClassifier(reloaded, fused=False) as apart:
-        assert len(fused.runners) == 1 and len(apart.runners) == 2
+        assert len(fused.runners) == 1 and len(apart.runners) == len(reloaded.members)
         assert np.abs(fused.predict(x) - apart.predict(x)).max() < 1e-5
