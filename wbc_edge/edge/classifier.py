@@ -118,7 +118,8 @@ class EnsembleClassifier:
             return np
         xp, why = device_xp("cuda")
         if xp is not np and not all(r.on_device for r in self.runners):
-            xp, why = np, f"runner(s) {', '.join(r.name for r in self.runners if not r.on_device)} take host arrays"
+            host = ", ".join(r.name for r in self.runners if not r.on_device)
+            xp, why = np, f"runner(s) {host} take host arrays"
         if xp is np:
             log.warning("--device cuda: colour step, TTA views and ensemble mean on the CPU (%s)", why)
         return xp
@@ -158,7 +159,8 @@ class EnsembleClassifier:
         chunk = max(1, self.max_batch // len(self.views))
         if not len(batch):
             return np.zeros((0, len(self.bundle.classes)), np.float32)
-        probs = self.xp.concatenate([self._predict_chunk(batch[i:i + chunk]) for i in range(0, len(batch), chunk)])
+        probs = self.xp.concatenate([self._predict_chunk(batch[i:i + chunk])
+                                     for i in range(0, len(batch), chunk)])
         probs = probs if self.temperature == 1.0 else apply_temperature(probs, self.temperature)
         return to_numpy(probs)  # the one device -> host copy: the probabilities
 
@@ -166,6 +168,7 @@ class EnsembleClassifier:
         if self.views_inside:  # the fused graph stacks the views and averages views and members itself
             return self.runners[0].infer(batch).astype(np.float32, copy=False)
         views = batch if self.views == ["id"] else tta.expand(batch, self.views)
-        probs = sum(float(w) * tta.merge(self.xp.asarray(r.infer(views)), len(self.views))
+        # every runner answers in the batch's module: CuPy only when all of them are on the device (activate)
+        probs = sum(float(w) * tta.merge(r.infer(views), len(self.views))
                     for w, r in zip(self.weights, self.runners))
         return probs.astype(np.float32, copy=False)

@@ -406,7 +406,8 @@ class Pipeline:
             t0 = time.perf_counter()
             # the host -> device boundary (a no-op on CPU): the colour step, views, runners and means run
             # where the cells now are, and only the probabilities come back
-            cells = self.pre.stain(self.clf.upload(np.concatenate([loc.crops for loc in pending if len(loc.crops)])))
+            crops = np.concatenate([loc.crops for loc in pending if len(loc.crops)])
+            cells = self.pre.stain(self.clf.upload(crops))
             probs = self.clf.predict(cells)
             self.times.add("infer", time.perf_counter() - t0)
             if self.monitor.active:  # the site statistics of the same model-input cells (cheap, per batch)

@@ -110,9 +110,9 @@ class OrtRunner(Runner):
         self.active = True
 
     def _infer(self, batch):
-        if not self.on_device:
+        if isinstance(batch, np.ndarray):  # host in, host out (as the Runner contract says), on any provider
             return self.session.run(None, {self.input_name: batch})[0]
-        return self._infer_bound(self._cp.asarray(batch))
+        return self._infer_bound(batch)  # a CuPy batch, handed over as it is by Runner.infer (on_device)
 
     def _infer_bound(self, batch):
         """ORT CUDA on device memory: the CuPy batch is bound as the input and a CuPy array as the output
@@ -120,7 +120,7 @@ class OrtRunner(Runner):
         cp = self._cp
         out = cp.empty((batch.shape[0], self.num_classes), cp.float32)
         dev = batch.device.id
-        cp.cuda.get_current_stream().synchronize()  # the batch was written on CuPy's stream, ORT reads on its own
+        cp.cuda.get_current_stream().synchronize()  # written on CuPy's stream; ORT reads on its own
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", dev, np.uint8, tuple(batch.shape), batch.data.ptr)
         binding.bind_output(self.output_name, "cuda", dev, np.float32, tuple(out.shape), out.data.ptr)
